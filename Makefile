@@ -1,0 +1,49 @@
+# The two commands of the README:  make demo  and  make test.  Both set up everything they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.hpckd-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYS_PKGS := openmpi-bin libopenmpi-dev slurm-wlm munge slurmdbd mariadb-server mariadb-client
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv sysdeps clean-demo help
+
+help:
+	@echo "make demo   - install into $(VENV) and run the embedded demo sweep (prints a table)"
+	@echo "make test   - install, start a local SLURM cluster, run the test suite, stop the cluster"
+
+venv: $(STAMP)
+
+# torch/torchvision first from the registry (their CUDA builds also run on CPU; the CPU-only torch wheel
+# breaks torchvision), then hpckd and its extras, then DeepSpeed (which builds against the installed torch).
+$(STAMP): setup.py constraints.txt
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e ".[dali,mpi,test]"
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
+	touch $(STAMP)
+
+# System parts the tests need: OpenMPI for the mpirun path, SLURM + munge + slurmdbd + MariaDB for the cluster.
+sysdeps:
+	@missing=$$(for p in $(SYS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/hpckd demo --out $(DEMO_OUT)
+
+# with_cluster.sh starts slurmctld/slurmd/slurmdbd/munged/mariadb, runs pytest, and stops every daemon it
+# started (by PID) whatever pytest's outcome.
+test: $(STAMP) sysdeps
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash slurm/with_cluster.sh $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

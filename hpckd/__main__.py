@@ -1,0 +1,5 @@
+import sys
+
+from hpckd.cli import main
+
+sys.exit(main())

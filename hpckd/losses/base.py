@@ -1,0 +1,102 @@
+"""The :class:`Loss` interface every distillation method implements.
+
+``terms = loss(student_logits, teacher_logits, batch)`` returns a dict of scalar tensors: ``terms["loss"]`` is
+the weighted total that is back-propagated, every other key is a named, *unweighted*, detached term that
+the engine logs (``ce``, ``kd``, per-teacher ``kd0``, ``kd1``, ...). Inputs may be bf16/fp16: losses compute
+in fp32 (fp64 inputs stay fp64, for gradient checks). Teacher logits are constants (detached): teachers are
+frozen in every study. Padding samples (``batch.valid`` False) never contribute.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from hpckd.errors import ConfigError
+from hpckd.losses.checks import check_logits
+from hpckd.losses.config import LossConfig
+from hpckd.losses.functional import hard_ce, masked_mean
+
+
+class Loss(nn.Module):
+    """Base class: checks and up-casts the inputs, then calls :meth:`compute`.
+
+    Subclasses are registered with :func:`hpckd.losses.registry.register` (which sets ``name``) and set
+    ``min_teachers`` / ``max_teachers``.
+    """
+
+    name: str = "?"
+    min_teachers: int = 1
+    max_teachers: int | None = None
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], batch: object
+    ) -> dict[str, torch.Tensor]:
+        teachers = list(teacher_logits)
+        self._check_teacher_count(len(teachers))
+        check_logits(student_logits, teachers, batch, check_finite=self.cfg.check_finite)
+        return self.compute(compute_dtype(student_logits), [compute_dtype(t).detach() for t in teachers], batch)
+
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_teacher_count(self, n: int) -> None:
+        if n < self.min_teachers:
+            raise ConfigError(
+                f"loss '{self.name}' needs at least {self.min_teachers} teacher(s) but got {n}: "
+                f"add entries under 'teachers:' or use loss.name=ce"
+            )
+        if self.max_teachers is not None and n > self.max_teachers:
+            raise ConfigError(f"loss '{self.name}' takes at most {self.max_teachers} teacher(s) but got {n}")
+
+    def mask(self, batch: object, student: torch.Tensor) -> torch.Tensor | None:
+        return valid_mask(batch, student.shape[0], student.device)
+
+    def hard_label_term(self, student: torch.Tensor, batch: object, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean L_NLL over the kept samples (with the configured label smoothing)."""
+        return masked_mean(hard_ce(student, batch.labels, self.cfg.label_smoothing), mask)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Half/bf16 logits up-cast to fp32 (softmax over 1000 classes loses too much in bf16); fp64 kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def valid_mask(batch: object, n: int, device: torch.device) -> torch.Tensor | None:
+    """``batch.valid`` as a bool tensor on ``device`` (None when every sample counts)."""
+    valid = getattr(batch, "valid", None)
+    if valid is None:
+        return None
+    valid = valid.to(device=device, dtype=torch.bool).reshape(-1)
+    if valid.numel() != n:
+        raise ValueError(f"batch.valid has {valid.numel()} entries for {n} logits")
+    return valid
+
+
+def and_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Elementwise AND of two optional masks (None means all True)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def weighted_total(weights_terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """sum_i w_i * term_i, skipping zero weights (so an unused term costs nothing and cannot poison the sum)."""
+    used = [w * t for w, t in weights_terms if w != 0]
+    if not used:
+        return weights_terms[0][1] * 0.0
+    total = used[0]
+    for t in used[1:]:
+        total = total + t
+    return total

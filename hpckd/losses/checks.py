@@ -1,0 +1,85 @@
+"""Input checks shared by every loss: shapes, class counts, finite values.
+
+A loss is the first place where a teacher built for the wrong dataset (class-count mismatch) or a diverging
+model (NaN/Inf logits) becomes visible, so the checks name the teacher and the batch (epoch and the first
+offending global sample ids) and say how to fix it, in one line.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hpckd.errors import ConfigError, UserError
+
+
+class NonFiniteError(UserError):
+    """Logits or a loss value contain NaN or Inf (a diverged model, a corrupt teacher or logit store)."""
+
+
+def _batch_where(batch: object | None, bad: torch.Tensor | None = None) -> str:
+    """Describe the batch (epoch, first global sample ids) for an error message."""
+    if batch is None:
+        return "this batch"
+    epoch = getattr(batch, "epoch", "?")
+    index = getattr(batch, "index", None)
+    if bad is not None and index is not None and bad.numel() == index.numel():
+        ids = index.reshape(-1)[bad.reshape(-1).to(index.device)][:5].tolist()
+        return f"batch of epoch {epoch}, sample ids {ids}"
+    return f"batch of epoch {epoch}"
+
+
+def check_logits(
+    student: torch.Tensor, teachers: Sequence[torch.Tensor], batch: object | None = None, check_finite: bool = True
+) -> None:
+    """Raise a one-line error for malformed logits.
+
+    Args:
+        student: (N, C) student logits.
+        teachers: list of (N, C) teacher logits, one per teacher.
+        batch: the :class:`~hpckd.data.batch.Batch` (for the error message and the label range).
+        check_finite: also reject NaN/Inf (costs one device sync per call).
+    """
+    if student.dim() != 2:
+        raise ConfigError(f"student logits must be (batch, classes); got shape {tuple(student.shape)}")
+    n, c = student.shape
+    for k, t in enumerate(teachers):
+        if t.dim() != 2 or t.shape[1] != c:
+            raise ConfigError(
+                f"teacher {k} gives {t.shape[-1]} classes but the student gives {c}: "
+                f"use a teacher checkpoint trained on the same dataset (same num_classes)"
+            )
+        if t.shape[0] != n:
+            raise ConfigError(f"teacher {k} gives logits for {t.shape[0]} samples but the student for {n}")
+    labels = getattr(batch, "labels", None)
+    if labels is not None and labels.numel() > 0 and labels.dtype != torch.bool:
+        if labels.dim() == 1 and (int(labels.max()) >= c or int(labels.min()) < 0):
+            raise ConfigError(
+                f"label {int(labels.max())} out of range for a {c}-class student in {_batch_where(batch)}: "
+                f"set the model's num_classes to the dataset's class count"
+            )
+    if check_finite:
+        _check_finite("student", student, batch)
+        for k, t in enumerate(teachers):
+            _check_finite(f"teacher {k}", t, batch)
+
+
+def _check_finite(who: str, logits: torch.Tensor, batch: object | None) -> None:
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    bad = ~finite.all(dim=1)
+    kind = "NaN" if bool(torch.isnan(logits).any()) else "Inf"
+    raise NonFiniteError(
+        f"{who} logits contain {kind} for {int(bad.sum())} of {logits.shape[0]} samples in "
+        f"{_batch_where(batch, bad)}: the model diverged or its checkpoint/logit store is corrupt "
+        f"(lower the learning rate, or re-create the teacher's logits)"
+    )
+
+
+def check_loss_finite(terms: dict[str, torch.Tensor], batch: object | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite term (the engine adds the step number)."""
+    for name, value in terms.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise NonFiniteError(f"loss term '{name}' is {float(value.detach().float().sum())} in {_batch_where(batch)}")

@@ -1,0 +1,97 @@
+"""Loss settings that reproduce each study, in this package's one weight convention (alpha = hard-label weight).
+
+=====================  ==================  =====================================================================
+recipe                 loss                source
+=====================  ==================  =====================================================================
+attention_study        ensemble_kd         tau = 10, "hard label weight alpha = 0.2" (App. A.1); Eqs. 6-8
+attention_study_eq8    ensemble_kd         Eq. 8 as printed: L_NLL + mean_k L_KDk (weights 1 and 1), tau = 10
+attention_study_zscore standardized_kd     the same with Sun et al.'s logit standardisation (Sec. 6.2)
+fidelity_study         pure_kd             alpha = 0 (Sec. 3.1, 5), tau = 4 (Fig. 3 baseline), mean_prob ensemble
+augmentation_study     kd_da               (1 - a) CE + a tau^2 KL, a = 0.9 -> alpha = 0.1; tau = 4 (Sec. 5, Eq. 1)
+augmentation_kd        kd                  the same loss on a plain (undoubled) batch
+response_analysis      soft_target_kd      MEAL V2 setting lambda = 1 (Sec. 3): ce 0, kd 1, tau 1 (Sec. 4)
+efficient_stage1       wsl                 tau 2, CE (label smoothing 0.1) + 0.5 WSL (Sec. 5.2; EffDstl configs)
+efficient_stage2       ckm                 teacher tau 0.7, student tau 1, t = 0.99, no CE (Sec. 5.1-5.2)
+=====================  ==================  =====================================================================
+
+:func:`efficient_distillation_stages` adds the optimiser side of the two-stage schedule (Sec. 5.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from hpckd.errors import ConfigError
+from hpckd.losses.config import LossConfig
+
+RECIPES: dict[str, LossConfig] = {
+    "attention_study": LossConfig(name="ensemble_kd", tau=10.0, alpha=0.2),
+    "attention_study_eq8": LossConfig(name="ensemble_kd", tau=10.0, ce_weight=1.0, kd_weight=1.0),
+    "attention_study_zscore": LossConfig(name="standardized_kd", tau=10.0, alpha=0.2, kd_form="kl"),
+    "fidelity_study": LossConfig(name="pure_kd", tau=4.0, alpha=0.0, ensemble="mean_prob"),
+    "augmentation_study": LossConfig(name="kd_da", tau=4.0, alpha=0.1, kd_form="kl"),
+    "augmentation_kd": LossConfig(name="kd", tau=4.0, alpha=0.1, kd_form="kl"),
+    "response_analysis": LossConfig(
+        name="soft_target_kd", tau=1.0, ce_weight=0.0, kd_weight=1.0, target_manipulate="label_smoothing",
+        target_subset="reg_correct",
+    ),
+    "efficient_stage1": LossConfig(
+        name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1, wsl_weight_tau="tau"
+    ),
+    "efficient_stage2": LossConfig(name="ckm", tau=1.0, teacher_tau=0.7, ce_weight=0.0, kd_weight=1.0, smoothing=0.99),
+}
+
+
+def recipe(name: str) -> LossConfig:
+    """A copy of the named recipe, validated (alpha resolved into the weights)."""
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown loss recipe '{name}'{hint}; choose one of {', '.join(sorted(RECIPES))}")
+    return dataclasses.replace(RECIPES[name]).validated()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a multi-stage distillation schedule.
+
+    ``teacher`` says which teacher the stage distils from: ``"first"`` (the weaker one given to the run) or
+    ``"second"`` (the stronger teacher of the same architecture swapped in for stage 2). ``overrides`` are
+    dotted experiment-config overrides (``optim.*``) for ``hpckd.config.load_config``.
+    """
+
+    name: str
+    epochs: int
+    loss: LossConfig
+    teacher: str
+    overrides: tuple[str, ...]
+
+
+def efficient_distillation_stages(total_epochs: int = 300) -> list[Stage]:
+    """Efficient Distillation's schedule (response-based study Sec. 5.2): 240 + 60 of 300 epochs.
+
+    Stage 1: WSL loss, lr 0.5 (batch 1024), weight decay 4e-5, cosine. Stage 2: a stronger teacher of the same
+    architecture, consistent knowledge mining with teacher tau 0.7 / student tau 1, lr 5e-2 cosine-decayed to
+    5e-4, weight decay 0. Shorter runs keep the 4:1 split.
+    """
+    if total_epochs < 2:
+        raise ConfigError(f"efficient distillation needs at least 2 epochs (one per stage), got {total_epochs}")
+    first = max(1, min(total_epochs - 1, round(total_epochs * 240 / 300)))
+    return [
+        Stage("stage1", first, recipe("efficient_stage1"), "first",
+              ("optim.lr=0.5", "optim.weight_decay=4e-05", "optim.schedule=cosine")),
+        Stage("stage2", total_epochs - first, recipe("efficient_stage2"), "second",
+              ("optim.lr=0.05", "optim.weight_decay=0.0", "optim.schedule=cosine")),
+    ]
+
+
+def stage_at(stages: list[Stage], epoch: int) -> Stage:
+    """The stage active at (0-based) ``epoch``; the last stage after the schedule ends."""
+    start = 0
+    for stage in stages:
+        if epoch < start + stage.epochs:
+            return stage
+        start += stage.epochs
+    return stages[-1]

@@ -1,0 +1,52 @@
+"""Statistics across trials: the attention study's A/B-test p-value and Pearson/Spearman correlations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def ab_test_pvalue(fidelity_control: Sequence[float], fidelity_treatment: Sequence[float]) -> float:
+    """A/B-test p-value of the attention study (Guo et al.), Eq. 9.
+
+        p-value = #{trials: fidelity(hKD) > fidelity(vKD)} / Num
+
+    The trials are paired (same augmentation trial under the control vKD and the treatment hKD, e.g. the
+    half-image inputs). H0: lowering the teachers' attention IoU (hKD) *raises* student-teacher fidelity; a
+    p-value below 0.05 rejects it.
+    """
+    control = np.asarray(fidelity_control, dtype=np.float64)
+    treatment = np.asarray(fidelity_treatment, dtype=np.float64)
+    if control.shape != treatment.shape or control.ndim != 1 or control.size == 0:
+        raise ValueError(f"need two equally long, non-empty 1-D sequences of paired trials, got {control.shape} and {treatment.shape}")
+    return float(np.count_nonzero(treatment > control)) / control.size
+
+
+@dataclass(frozen=True)
+class CorrelationResult:
+    """Pearson's r and Spearman's rho with their two-sided p-values (scipy.stats), over n points."""
+
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    spearman_p: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> CorrelationResult:
+    """Pearson and Spearman correlation of two paired series, e.g. T. stddev vs. student test loss (augmentation
+    study Fig. 4) or IoU vs. validation accuracy (attention study Fig. 2). Needs at least 3 points."""
+    from scipy import stats as sstats
+
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 3:
+        raise ValueError(f"need two equally long 1-D series with at least 3 points, got {a.shape} and {b.shape}")
+    pr = sstats.pearsonr(a, b)
+    sr = sstats.spearmanr(a, b)
+    return CorrelationResult(float(pr[0]), float(pr[1]), float(sr[0]), float(sr[1]), int(a.size))

@@ -1,0 +1,130 @@
+"""The uniform hooks the metrics use: CNN feature maps + classifier (for CAMs) and ViT attention maps.
+
+* :func:`cam_features` returns the last convolutional feature map ``A`` (N, C, h, w) and the linear classifier
+  ``(W, b)`` applied after global average pooling, so that ``logits = W @ mean_hw(A) + b`` and the class
+  activation map of class k is ``sum_c W[k, c] * A[:, c]`` (Zhou et al. 2016, Eq. 2; the attention study's CAM-IoU,
+  Guo et al. Sec. 4.3). Works for every CNN of the registry whose head is global pooling + one linear layer.
+* :func:`vit_attentions` returns, for a torchvision VisionTransformer, the per-head attention probabilities of
+  every encoder block (N, heads, T, T) with T = 1 + number of patches (the attention study's ViT variant,
+  App. A.7: "directly use the built-in attention module").
+
+Both accept models wrapped in DDP (``.module``) or ``torch.compile`` (``._orig_mod``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from hpckd.errors import UserError
+
+Trunk = Callable[[torch.Tensor], torch.Tensor]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DeepSpeed (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def linear_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(qualified name, module) of the classifier layer that maps pooled features to logits."""
+    model = unwrap(model)
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return "heads.head", model.heads.head  # type: ignore[return-value]
+    for name in ("fc", "classifier", "head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return name, head
+        if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
+            return f"{name}.{len(head) - 1}", head[-1]
+    raise UserError(f"{type(model).__name__} has no recognisable linear classifier (fc / classifier / head)")
+
+
+def _cam_parts(model: nn.Module) -> tuple[Trunk, nn.Linear]:
+    name = type(model).__name__
+    if isinstance(model, torchvision.models.VisionTransformer):
+        raise UserError(f"{name} has no convolutional feature map: use hpckd.models.vit_attentions for ViTs")
+    if isinstance(model, torchvision.models.VGG):
+        raise UserError(
+            f"{name} (torchvision) ends in a 3-layer MLP, so class activation maps are undefined; "
+            f"use a CIFAR VGG (vgg8..vgg19) with its global-pooling linear head"
+        )
+    if isinstance(model, torchvision.models.ResNet):
+        return _torchvision_resnet_trunk(model), model.fc
+    if isinstance(model, torchvision.models.MobileNetV2):
+        return model.features, _only_linear(model.classifier, name)
+    features = getattr(model, "features", None)
+    head = getattr(model, "fc", None)
+    if callable(features) and isinstance(head, nn.Linear):
+        return features, head
+    raise UserError(
+        f"{name} does not expose a feature map + linear classifier (features(x) and fc), so CAMs are undefined"
+    )
+
+
+def _torchvision_resnet_trunk(model: torchvision.models.ResNet) -> Trunk:
+    def trunk(x: torch.Tensor) -> torch.Tensor:
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+    return trunk
+
+
+def _only_linear(classifier: nn.Module, name: str) -> nn.Linear:
+    # torchvision's MobileNetV2 head is Dropout + Linear: the dropout is the identity in eval mode.
+    layers = list(classifier) if isinstance(classifier, nn.Sequential) else [classifier]
+    linears = [m for m in layers if not isinstance(m, nn.Dropout)]
+    if len(linears) != 1 or not isinstance(linears[0], nn.Linear):
+        raise UserError(f"{name}: classifier is not a single linear layer, so CAMs are undefined")
+    return linears[0]
+
+
+def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(feature map (N, C, h, w), classifier weight (K, C), classifier bias (K,) or None) for a CNN.
+
+    Runs only the convolutional trunk on ``x``; the caller chooses the mode (``model.eval()`` for metrics) and the
+    grad context. ``fc(mean_hw(features)) == model(x)`` for every registered CNN with a linear head.
+    """
+    trunk, head = _cam_parts(unwrap(model))
+    return trunk(x), head.weight, head.bias
+
+
+def forward_with_attentions(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, per-block attention probabilities (N, heads, T, T)) of a model built on nn.MultiheadAttention.
+
+    The blocks call their attention with ``need_weights=False``; a keyword pre-hook turns on ``need_weights`` and
+    per-head weights for this one forward, so the model's own forward code runs unchanged and nothing leaks
+    into later calls.
+    """
+    attn_modules = [m for m in unwrap(model).modules() if isinstance(m, nn.MultiheadAttention)]
+    if not attn_modules:
+        raise UserError(f"{type(unwrap(model)).__name__} has no attention layers: use hpckd.models.cam_features")
+    maps: list[torch.Tensor] = []
+    handles = []
+    for module in attn_modules:
+        handles.append(module.register_forward_pre_hook(_ask_for_weights, with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda _m, _a, out: maps.append(out[1])))
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, maps
+
+
+def _ask_for_weights(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+
+def vit_attentions(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per-block attention probabilities (N, heads, T, T) of a torchvision ViT; rows sum to 1."""
+    return forward_with_attentions(model, x)[1]

@@ -1,0 +1,119 @@
+"""The embedded default sweep behind ``hpckd demo`` (and ``make demo``).
+
+Stages, each one array job on the chosen executor (submitit's local executor by default, SLURM on a cluster):
+  0. generate a 10-class JPEG data set (32x32) unless it is there already;
+  1. teachers: T1 trained with weak augmentation, T2 with strong augmentation (CE);
+  2. students: one per trial, distilled from the ensemble {T1, T2} with the attention study's ensemble KD loss,
+     the student trained with weak (T1wT2sSw) or strong (T1wT2sSs) augmentation, plus a CE-only baseline;
+  3. report: a table of trial, student val accuracy and top-1 agreement with the teacher ensemble, read from the
+     ``results.json`` files only.
+Finished stages are not run again: a re-run resumes where the sweep stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpckd.config import load_config
+from hpckd.data.synth import SynthSpec, write_imagefolder
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    mode: str  # train | distill
+    overrides: tuple[str, ...]
+
+    def out_dir(self, root: Path) -> Path:
+        return root / "runs" / self.name
+
+
+TEACHER_ARCH = "resnet20"
+STUDENT_ARCH = "resnet8"
+
+
+def teacher_jobs(data_root: Path, epochs: int) -> list[Job]:
+    common = (f"data.root={data_root}", f"model.arch={TEACHER_ARCH}", f"optim.epochs={epochs}", "optim.lr=0.1")
+    return [Job("T1w", "train", common + ("aug=weak", "seed=1")), Job("T2s", "train", common + ("aug=strong", "seed=2"))]
+
+
+def student_jobs(data_root: Path, root: Path, epochs: int) -> list[Job]:
+    teachers = f"teachers=[{{checkpoint:{root / 'runs/T1w/last.pt'}}},{{checkpoint:{root / 'runs/T2s/last.pt'}}}]"
+    common = (f"data.root={data_root}", f"model.arch={STUDENT_ARCH}", f"optim.epochs={epochs}", "optim.lr=0.1", "seed=3")
+    return [
+        Job("T1wT2sSw", "distill", common + (teachers, "aug=weak", "loss.name=ensemble_kd", "loss.tau=4")),
+        Job("T1wT2sSs", "distill", common + (teachers, "aug=strong", "loss.name=ensemble_kd", "loss.tau=4")),
+        Job("Sw-CE-only", "distill", common + (teachers, "aug=weak", "loss.name=ce")),
+    ]
+
+
+def run_job(job: Job, root: str, threads: int = 1) -> dict[str, Any]:
+    """Run one stage job (in the executor's process) and return its headline metrics."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from hpckd.train.engine import run
+
+    out = job.out_dir(Path(root))
+    cfg = load_config(None, [*job.overrides, f"out_dir={out}", f"name={job.name}", "data.num_workers=1"])
+    results = run(cfg, mode=job.mode)
+    return {"name": job.name, **results["metrics"]}
+
+
+def run_stage(jobs: list[Job], root: Path, executor: str) -> None:
+    todo = [j for j in jobs if not (j.out_dir(root) / "results.json").is_file()]
+    if not todo:
+        print(f"  already done: {', '.join(j.name for j in jobs)}")
+        return
+    from hpckd.sweep.executor import make_executor, run_array
+
+    cpus = max(1, (os.cpu_count() or 2) // len(todo))
+    ex = make_executor(executor, root / "submitit", cpus_per_task=cpus, timeout_min=60)
+    print(f"  running {', '.join(j.name for j in todo)} on the {executor} executor")
+    run_array(ex, run_job, [(j, str(root), cpus) for j in todo])
+
+
+def read_results(root: Path, names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        with (root / "runs" / name / "results.json").open() as handle:
+            rows.append(json.load(handle))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'trial':<14} {'student val acc':>15} {'top-1 agreement':>16}", "-" * 47]
+    for r in rows:
+        m = r["metrics"]
+        agree = m.get("top1_agreement")
+        lines.append(f"{r['name']:<14} {m['accuracy']:>15.3f} {agree if agree is None else f'{agree:.3f}':>16}")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | os.PathLike, executor: str = "local", epochs_scale: float = 1.0) -> str:
+    root = Path(out).resolve()
+    data_root = root / "data"
+    teacher_epochs = max(1, round(12 * epochs_scale))
+    student_epochs = max(1, round(12 * epochs_scale))
+    print(f"[1/4] data: {data_root}")
+    if not (data_root / "val").is_dir():
+        counts = write_imagefolder(data_root, SynthSpec(classes=10, per_class=100, val_per_class=30, seed=0))
+        print(f"  generated {counts['train']} train / {counts['val']} val JPEGs (10 classes, 32x32)")
+    else:
+        print("  already there")
+    print(f"[2/4] teachers ({TEACHER_ARCH}, {teacher_epochs} epochs): T1 weak, T2 strong augmentation")
+    run_stage(teacher_jobs(data_root, teacher_epochs), root, executor)
+    print(f"[3/4] students ({STUDENT_ARCH}, {student_epochs} epochs), ensemble KD from T1w + T2s")
+    students = student_jobs(data_root, root, student_epochs)
+    run_stage(students, root, executor)
+    print("[4/4] evaluation")
+    teachers = read_results(root, ["T1w", "T2s"])
+    table = format_table(teachers + read_results(root, [j.name for j in students]))
+    print(table)
+    print(f"results: {root / 'runs'}/*/results.json")
+    return table
+
