@@ -79,15 +79,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from hpckd import models
+    from hpckd.models.complexity import describe_models, format_table
 
-    names = args.names or models.available()
-    describe = getattr(models, "describe_models", None)
-    if describe is None:
-        print("\n".join(names))
-        return 0
-    for row in describe(names, image_size=args.image_size):
-        print(row)
+    print(format_table(describe_models(args.names or None, num_classes=args.num_classes, input_size=args.image_size)))
     return 0
 
 
@@ -140,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list registered models with parameters and MACs")
     p.add_argument("names", nargs="*")
     p.add_argument("--image-size", type=int, default=None, help="input size for MACs (default: the model's native size)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model family's usual)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("dist-check", help="initialise torch.distributed from the launcher (torchrun/srun/mpirun/submitit) and all-reduce")

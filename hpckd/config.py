@@ -19,6 +19,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from hpckd.errors import ConfigError
 from hpckd.losses.config import LossConfig
+from hpckd.metrics.evaluator import EvaluatorOptions
+from hpckd.teachers.serving import ServingConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -42,6 +44,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet8"  # name in hpckd.models.available()
     weights: Optional[str] = None  # local state-dict or hpckd checkpoint to start from
+    drop_head: bool = False  # load `weights` without the classifier (fine-tune to another class count)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # builder options, e.g. {norm: ln} for preresnets
 
 
 @dataclass
@@ -72,6 +76,13 @@ class DistConfig:
 
 
 @dataclass
+class MetricsConfig(EvaluatorOptions):
+    """Evaluation options (see :class:`hpckd.metrics.evaluator.EvaluatorOptions`) plus how "the teacher" is formed."""
+
+    ensemble: str = "mean_probs"  # mean_probs (fidelity study: log of the mean softmax) | mean_logits
+
+
+@dataclass
 class Experiment:
     name: str = "run"
     seed: int = 0
@@ -83,6 +94,8 @@ class Experiment:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)  # how teachers run (inline / teacher_parallel)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_every: int = 20  # steps between JSON-lines log records
 
 
@@ -96,6 +109,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "multistep", "constant"),
     "dist.backend": ("ddp",),
     "dist.device": ("auto", "cpu", "cuda"),
+    "metrics.ensemble": ("mean_probs", "mean_logits"),
 }
 
 
@@ -169,6 +183,13 @@ def check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"config: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+    # Sub-packages check their own sections.
+    LossConfig(**OmegaConf.to_container(cfg.loss)).validated()
+    try:
+        ServingConfig(**OmegaConf.to_container(cfg.serving))
+        evaluator_options(cfg.metrics)
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
     for i, teacher in enumerate(cfg.get("teachers") or []):
         if teacher.aug is not None and teacher.aug not in CHOICES["aug"]:
             raise ConfigError(f"config: 'teachers[{i}].aug' is {teacher.aug!r}; choose one of {', '.join(CHOICES['aug'])}")
@@ -225,3 +246,9 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         return f"a list of {_type_name(args[0])}" if args else "a list"
     return getattr(tp, "__name__", str(tp))
+
+
+def evaluator_options(metrics: Any) -> EvaluatorOptions:
+    """The :class:`EvaluatorOptions` part of a ``metrics`` config section."""
+    values = OmegaConf.to_container(metrics) if isinstance(metrics, DictConfig) else dataclasses.asdict(metrics)
+    return EvaluatorOptions(**{f.name: values[f.name] for f in dataclasses.fields(EvaluatorOptions)})

@@ -28,6 +28,7 @@ POLL_S=0.1
 # Stop order: reverse of the start order, so clients of a daemon go before the daemon itself.
 DAEMONS_STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
 STATE=""
+LAUNCHED=0 # set once this process has started a daemon: only then may a failed start stop anything
 
 log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -44,8 +45,20 @@ EOF
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-now_s() { date +%s.%N; }
-elapsed_s() { awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f", b - a }'; }
+# Time in microseconds from bash's own clock (no process per poll); elapsed_s prints seconds with one decimal.
+now_us() { echo "${EPOCHREALTIME/./}"; }
+elapsed_s() {
+    local d=$(($(now_us) - $1))
+    printf '%d.%d' $((d / 1000000)) $((d % 1000000 / 100000))
+}
+# True once more than SECONDS (a decimal) have passed since T0_US.
+past_deadline() {
+    local t0="$1" secs="$2"
+    local whole="${secs%%.*}" frac="${secs#*.}"
+    [[ "$secs" == *.* ]] || frac=0
+    frac="${frac}000000"
+    (($(now_us) - t0 >= 10#${whole:-0} * 1000000 + 10#${frac:0:6}))
+}
 
 pid_file() { printf '%s/pids/%s.pid' "$STATE" "$1"; }
 log_file() { printf '%s/log/%s.log' "$STATE" "$1"; }
@@ -68,12 +81,13 @@ recorded_pid() {
 # Print the last lines of every log of daemon NAME (its own log file and its captured stdout/stderr).
 show_log_tail() {
     local name="$1" f
-    for f in "$(log_file "$name")" "$STATE/log/$name.out"; do
-        if [[ -s "$f" ]]; then
-            log "---- last lines of $f ----"
-            tail -n 25 "$f" >&2
-        fi
-    done
+    # The daemon's own log, or what it printed before opening it (e.g. a fatal config error).
+    f="$(log_file "$name")"
+    [[ -s "$f" ]] || f="$STATE/log/$name.out"
+    if [[ -s "$f" ]]; then
+        log "---- last lines of $f ----"
+        tail -n 25 "$f" >&2
+    fi
 }
 
 # Called when a start step fails: show why, stop whatever was started, exit non-zero.
@@ -86,21 +100,23 @@ fail_start() {
     exit 1
 }
 
-# Run daemon NAME in the background with stdout/stderr captured; record its PID.
-# HPCKD_LOCAL_CLUSTER marks the process (and its children) as belonging to this cluster.
+# Run daemon NAME in the background with stdout/stderr captured; record its PID ($! is the daemon itself: every
+# command given here execs it in place). HPCKD_LOCAL_CLUSTER marks the process as belonging to this cluster.
+# MYSQL_UNIX_PORT points slurmdbd's MariaDB client library at the private server's socket.
 launch() {
     local name="$1"
     shift
     HPCKD_LOCAL_CLUSTER="$STATE" SLURM_CONF="$STATE/etc/slurm.conf" MYSQL_UNIX_PORT="$STATE/mysql/mysqld.sock" \
-        setsid "$@" >"$STATE/log/$name.out" 2>&1 </dev/null &
+        "$@" >"$STATE/log/$name.out" 2>&1 </dev/null &
     echo $! >"$(pid_file "$name")"
+    LAUNCHED=1
 }
 
 # Poll CHECK (a shell command) until it succeeds; fail early if daemon NAME died, fail after READY_TIMEOUT_S.
 wait_ready() {
     local name="$1" check="$2" pid t0
     pid="$(recorded_pid "$name")"
-    t0="$(now_s)"
+    t0="$(now_us)"
     while true; do
         if eval "$check" >/dev/null 2>&1; then
             log "$name ready (pid $pid, $(elapsed_s "$t0") s)"
@@ -109,26 +125,37 @@ wait_ready() {
         if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
             fail_start "$name" "exited before becoming ready"
         fi
-        if awk -v e="$(elapsed_s "$t0")" -v m="$READY_TIMEOUT_S" 'BEGIN { exit !(e >= m) }'; then
+        if past_deadline "$t0" "$READY_TIMEOUT_S"; then
             fail_start "$name" "not ready after ${READY_TIMEOUT_S} s (check: $check)"
         fi
         sleep "$POLL_S"
     done
 }
 
-# Print N distinct TCP ports that nothing listens on (read from /proc, no extra tools needed).
+# Print N consecutive TCP ports that nothing listens on, below Linux's ephemeral range (32768-60999), read from
+# /proc/net/tcp* (state 0A = LISTEN), so several clusters can run side by side without fixed ports.
 free_ports() {
-    local n="$1" used port found=()
-    used="$(awk 'NR > 1 && $4 == "0A" { split($2, a, ":"); print strtonum("0x" a[2]) }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u)"
-    port=$((20000 + RANDOM % 30000))
-    while ((${#found[@]} < n)); do
-        if ! grep -qx "$port" <<<"$used"; then
-            found+=("$port")
-        fi
-        port=$((port + 1))
+    local n="$1" port i ok line fields
+    local -A listening=()
+    for f in /proc/net/tcp /proc/net/tcp6; do
+        [[ -r "$f" ]] || continue
+        while read -r line; do
+            read -ra fields <<<"$line"
+            [[ "${fields[3]}" == 0A ]] && listening[$((16#${fields[1]##*:}))]=1
+        done < <(tail -n +2 "$f")
     done
-    echo "${found[@]}"
+    port=$((20000 + RANDOM % 12000))
+    while true; do
+        ok=1
+        for ((i = 0; i < n; i++)); do
+            [[ -z "${listening[$((port + i))]:-}" ]] || ok=0
+        done
+        if ((ok)); then
+            seq -s ' ' "$port" $((port + n - 1))
+            return 0
+        fi
+        port=$((port + n))
+    done
 }
 
 check_prerequisites() {
@@ -157,9 +184,10 @@ pid-file=$STATE/mysql/mysqld.pid
 log-error=$(log_file mariadbd)
 skip-networking
 user=root
-# slurmdbd warns below these sizes (it needs room for its schema upgrades).
+# slurmdbd logs "Database settings not recommended values: innodb_log_file_size" below 64M; a tiny test database
+# does not need it, and the smaller redo log makes mariadb-install-db several seconds faster.
 innodb_buffer_pool_size=128M
-innodb_log_file_size=64M
+innodb_log_file_size=16M
 innodb_lock_wait_timeout=900
 [client]
 socket=$STATE/mysql/mysqld.sock
@@ -316,8 +344,11 @@ start_cluster() {
             fi
         done
     fi
-    local t0 host cpus ports mpi
-    t0="$(now_s)"
+    if [[ -n "$(ls -A "$STATE")" ]]; then
+        die "STATE_DIR $STATE is not empty; give a new or empty folder (a stopped cluster's folder can be deleted)"
+    fi
+    local t0 host cpus mpi ctld_port slurmd_port dbd_port
+    t0="$(now_us)"
     host="$(hostname -s)"
     cpus="$(nproc)"
     read -r ctld_port slurmd_port dbd_port <<<"$(free_ports 3)"
@@ -353,9 +384,9 @@ cancel_all_jobs() {
     log "cancelling jobs still in the queue: $(echo $jobs)"
     # shellcheck disable=SC2086
     scancel $jobs 2>/dev/null || true
-    t0="$(now_s)"
+    t0="$(now_us)"
     while [[ -n "$(squeue -h -o %A 2>/dev/null || true)" ]]; do
-        if awk -v e="$(elapsed_s "$t0")" -v m="$STOP_TIMEOUT_S" 'BEGIN { exit !(e >= m) }'; then
+        if past_deadline "$t0" "$STOP_TIMEOUT_S"; then
             log "warning: jobs still listed after ${STOP_TIMEOUT_S} s; stopping the daemons anyway"
             return 0
         fi
@@ -367,9 +398,9 @@ cancel_all_jobs() {
 stop_pid() {
     local name="$1" pid="$2" t0
     kill -TERM "$pid" 2>/dev/null || true
-    t0="$(now_s)"
+    t0="$(now_us)"
     while pid_is_ours "$pid"; do
-        if awk -v e="$(elapsed_s "$t0")" -v m="$STOP_TIMEOUT_S" 'BEGIN { exit !(e >= m) }'; then
+        if past_deadline "$t0" "$STOP_TIMEOUT_S"; then
             log "warning: $name (pid $pid) ignored TERM for ${STOP_TIMEOUT_S} s; sending KILL"
             kill -KILL "$pid" 2>/dev/null || true
             break
@@ -433,10 +464,23 @@ cluster_start() { set_state "$1" 1 && start_cluster; }
 cluster_stop() { set_state "$1" 0 || return 0; stop_cluster; }
 cluster_status() { set_state "$1" 0 && status_cluster; }
 
+# On a failed `start` (any step, even one without its own check), stop whatever did start before exiting.
+stop_after_failed_start() {
+    local rc=$?
+    if ((rc != 0 && LAUNCHED)) && [[ -n "$(ls -A "$STATE/pids" 2>/dev/null)" ]]; then
+        log "start failed (exit $rc); stopping the daemons started so far"
+        stop_cluster || true
+    fi
+    return "$rc"
+}
+
 main() {
     (($# == 2)) || usage
     case "$1" in
-    start) cluster_start "$2" ;;
+    start)
+        trap stop_after_failed_start EXIT
+        cluster_start "$2"
+        ;;
     stop) cluster_stop "$2" ;;
     status) cluster_status "$2" ;;
     *) usage ;;

@@ -5,7 +5,7 @@
 #   e.g. slurm/with_cluster.sh .venv/bin/python -m pytest -q tests/test_slurm.py
 #
 # Starts the cluster (slurm/local_cluster.sh) in a new temporary STATE_DIR, exports SLURM_CONF (from env.sh) and
-# HPCKD_SLURM_STATE=STATE_DIR, runs CMD, and always stops the daemons it recorded (trap on EXIT, INT, TERM), even
+# HPCKD_SLURM_STATE=STATE_DIR, runs CMD, and always stops the daemons it recorded (trap on EXIT, HUP, INT, TERM), even
 # when CMD or the start fails. Exits with CMD's status. The STATE_DIR (configs, logs, database) is deleted
 # afterwards unless CMD failed or HPCKD_SLURM_KEEP=1; then its path is printed so the logs can be read.
 set -uo pipefail
@@ -27,7 +27,7 @@ STATE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/hpckd-slurm.XXXXXX")" || {
 CMD_STATUS=1
 
 cleanup() {
-    trap - EXIT INT TERM
+    trap - EXIT HUP INT TERM
     set +e
     cluster_stop "$STATE_DIR"
     if [[ "$CMD_STATUS" == 0 && "${HPCKD_SLURM_KEEP:-0}" != 1 ]]; then
@@ -38,6 +38,8 @@ cleanup() {
     exit "$CMD_STATUS"
 }
 trap cleanup EXIT
+# CMD runs in the foreground (it keeps the terminal, and Ctrl-C reaches it); bash runs these traps once it ends.
+trap 'CMD_STATUS=129; exit 129' HUP
 trap 'CMD_STATUS=130; exit 130' INT
 trap 'CMD_STATUS=143; exit 143' TERM
 

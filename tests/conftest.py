@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    """4 classes x 40 train / 10 val images of 32x32 (session-wide, read-only for tests)."""
+    """4 classes x 48 train / 10 val images of 32x32 (session-wide, read-only for tests)."""
     root = tmp_path_factory.mktemp("synth")
-    write_imagefolder(root, SynthSpec(classes=4, per_class=40, val_per_class=10, seed=0))
+    write_imagefolder(root, SynthSpec(classes=4, per_class=48, val_per_class=10, seed=0))
     return root
 
 
@@ -38,3 +38,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny tensors on a loaded 2-core machine are much faster on one thread (no OpenMP hand-off)."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

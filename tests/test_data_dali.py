@@ -28,7 +28,7 @@ def test_train_batches_have_right_shape_dtype_labels(synth_root, family, strengt
     views = {"student": train_policy(family, strength, 32), "teacher1": train_policy(family, "none", 32)}
     loader = make_loader(DaliLoader, index, views, batch=16, seed=3)
     batches = list(loader)
-    assert len(batches) == len(loader) == 160 // 16
+    assert len(batches) == len(loader) == 192 // 16
     for b in batches:
         for name in ("student", "teacher1"):
             assert b.views[name].shape == (16, 3, 32, 32) and b.views[name].dtype == torch.float32
@@ -36,7 +36,7 @@ def test_train_batches_have_right_shape_dtype_labels(synth_root, family, strengt
         # labels come from the index, through the sample id the reader carries
         assert b.labels.tolist() == [index.labels[i] for i in b.index.tolist()]
     seen = torch.cat([b.index for b in batches]).tolist()
-    assert sorted(seen) == list(range(160)), "one epoch covers every training sample once"
+    assert sorted(seen) == list(range(192)), "one epoch covers every training sample once"
     x = batches[0].views["student"]
     assert torch.isfinite(x).all() and x.std() > 0.1
 
@@ -79,6 +79,6 @@ def test_training_shards_are_disjoint_equal_and_seeded(synth_root, cls):
         return [i for b in loader for i in b.index.tolist()]
 
     r0, r1 = epoch_ids(0, seed=5), epoch_ids(1, seed=5)
-    assert len(r0) == len(r1) == 80 and not set(r0) & set(r1)
+    assert len(r0) == len(r1) == 96 and not set(r0) & set(r1)
     assert epoch_ids(0, seed=5) == r0, "same seed, same order"
     assert epoch_ids(0, seed=6) != r0, "another seed, another order"

@@ -19,7 +19,7 @@ def teacher_ckpts(synth_root, tmp_path_factory):
     paths = []
     for name, aug in (("t_weak", "weak"), ("t_strong", "strong")):
         proc = run_hpckd("train", f"data.root={synth_root}", f"out_dir={out / name}", f"aug={aug}", "model.arch=resnet8",
-                         "optim.epochs=3", "data.batch_size=32", "data.num_workers=1")
+                         "optim.epochs=5", "data.batch_size=16", "data.num_workers=1")
         assert proc.returncode == 0, proc.stderr
         paths.append(out / name / "last.pt")
     return paths
@@ -29,7 +29,7 @@ def test_two_process_ddp_distillation_beats_chance(synth_root, teacher_ckpts, tm
     teachers = ",".join(f"{{checkpoint: {p}}}" for p in teacher_ckpts)
     out = tmp_path / "student"
     proc = run_hpckd("distill", f"data.root={synth_root}", f"out_dir={out}", f"teachers=[{teachers}]",
-                     "dist.nproc_per_node=2", "model.arch=resnet8", "optim.epochs=3", "data.batch_size=32",
+                     "dist.nproc_per_node=2", "model.arch=resnet8", "optim.epochs=5", "data.batch_size=16",
                      "data.eval_batch_size=12", "data.num_workers=1", "loss.name=ensemble_kd", "loss.tau=4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())

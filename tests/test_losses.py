@@ -16,6 +16,7 @@ from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
 from hpckd.losses import LossConfig, NonFiniteError, available, build_loss, check_loss_finite
 from tests import test_losses_ref as ref
+from tests.test_losses_ref import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def make_batch(labels, valid=None, epoch: int = 3, index=None) -> Batch:
@@ -80,8 +81,13 @@ def test_alpha_is_the_hard_label_weight():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("tau", 0.0, "> 0"), ("kd_form", "mse", "cross_entropy, kl"), ("pick_ratio", 0.0, "pick_ratio"),
-     ("ensemble", "vote", "mean_loss"), ("kd_weight", -1.0, ">= 0")],
+    [
+        ("tau", 0.0, "> 0"),
+        ("kd_form", "mse", "cross_entropy, kl"),
+        ("pick_ratio", 0.0, "pick_ratio"),
+        ("ensemble", "vote", "mean_loss"),
+        ("kd_weight", -1.0, ">= 0"),
+    ],
 )
 def test_bad_config_values(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -194,13 +200,15 @@ def test_large_tau_gradient_approaches_logit_difference_over_classes():
     t = rand_logits(1, c, 61, scale=1.0)
     s, t = s - s.mean(), t - t.mean()
     s.requires_grad_()
-    loss = build_loss(LossConfig(name="kd", alpha=0.0, tau=200.0))
-    (grad,) = torch.autograd.grad(loss(s, [t], make_batch([0]))["loss"], s)
     expected = (np_(s) - np_(t)) / c
-    assert np.allclose(grad.numpy(), expected, rtol=2e-2, atol=1e-4)
-    # ... and is not that at tau = 1 (the approximation needs the high-temperature limit).
-    (grad1,) = torch.autograd.grad(build_loss(LossConfig(name="kd", alpha=0.0, tau=1.0))(s, [t], make_batch([0]))["loss"], s)
-    assert not np.allclose(grad1.numpy(), expected, rtol=2e-2, atol=1e-4)
+    tol = 1e-3 * np.abs(expected).max()
+    loss = build_loss(LossConfig(name="kd", alpha=0.0, tau=2000.0))
+    (grad,) = torch.autograd.grad(loss(s, [t], make_batch([0]))["loss"], s)
+    assert np.abs(grad.numpy() - expected).max() < tol
+    # ... which is a high-temperature limit: at tau = 1 the gradient is something else.
+    loss1 = build_loss(LossConfig(name="kd", alpha=0.0, tau=1.0))
+    (grad1,) = torch.autograd.grad(loss1(s, [t], make_batch([0]))["loss"], s)
+    assert np.abs(grad1.numpy() - expected).max() > 100 * tol
 
 
 def test_mean_prob_ensemble_is_fidelity_study_ensemble():
@@ -317,7 +325,9 @@ def test_all_padding_gives_zero_loss_with_grad():
 
 def test_class_count_mismatch_names_teacher():
     with pytest.raises(ConfigError, match=r"teacher 1 gives 7 classes but the student gives 5"):
-        build_loss(LossConfig(name="kd"))(rand_logits(2, 5, 0), [rand_logits(2, 5, 1), rand_logits(2, 7, 2)], make_batch([0, 1]))
+        build_loss(LossConfig(name="kd"))(
+            rand_logits(2, 5, 0), [rand_logits(2, 5, 1), rand_logits(2, 7, 2)], make_batch([0, 1])
+        )
 
 
 def test_sample_count_mismatch():
@@ -326,14 +336,18 @@ def test_sample_count_mismatch():
 
 
 def test_label_out_of_range():
-    with pytest.raises(ConfigError, match="label 9 out of range for a 5-class student"):
+    with pytest.raises(ConfigError, match=r"label 9 out of range for a 5-class student in .*sample ids \[101\]"):
         build_loss(LossConfig(name="ce"))(rand_logits(2, 5, 0), [], make_batch([0, 9]))
+    with pytest.raises(ConfigError, match="label -1 out of range"):
+        build_loss(LossConfig(name="ce"))(rand_logits(2, 5, 0), [], make_batch([-1, 0]))
 
 
 def test_nan_student_logits_name_student_and_samples():
     s = rand_logits(3, 4, 0)
     s[1, 2] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"student logits contain NaN for 1 of 3 samples .*epoch 3, sample ids \[101\]"):
+    with pytest.raises(
+        NonFiniteError, match=r"student logits contain NaN for 1 of 3 samples .*epoch 3, sample ids \[101\]"
+    ):
         build_loss(LossConfig(name="kd"))(s, [rand_logits(3, 4, 1)], make_batch([0, 1, 2]))
 
 
@@ -341,7 +355,9 @@ def test_inf_teacher_logits_name_teacher():
     t = rand_logits(3, 4, 1)
     t[2, 0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"teacher 1 logits contain Inf .*sample ids \[7\]"):
-        build_loss(LossConfig(name="kd"))(rand_logits(3, 4, 0), [rand_logits(3, 4, 2), t], make_batch([0, 1, 2], index=[5, 6, 7]))
+        build_loss(LossConfig(name="kd"))(
+            rand_logits(3, 4, 0), [rand_logits(3, 4, 2), t], make_batch([0, 1, 2], index=[5, 6, 7])
+        )
 
 
 def test_finite_check_can_be_disabled():

@@ -9,6 +9,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add contention on the 2-core CI machine (ms per op when loaded)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def softmax(z, tau: float = 1.0) -> np.ndarray:
@@ -34,7 +45,7 @@ def ce(zs, labels, eps: float = 0.0) -> np.ndarray:
 def kd_ce(zs, zt, tau: float, tau_t: float | None = None) -> np.ndarray:
     """-tau^2 sum_c softmax(zt/tau_t) log softmax(zs/tau) (attention study Eq. 7)."""
     pt = softmax(zt, tau_t or tau)
-    return -tau**2 * (pt * log_softmax(zs, tau)).sum(axis=1)
+    return -(tau**2) * (pt * log_softmax(zs, tau)).sum(axis=1)
 
 
 def kd_kl(zs, zt, tau: float, tau_t: float | None = None) -> np.ndarray:
@@ -43,7 +54,7 @@ def kd_kl(zs, zt, tau: float, tau_t: float | None = None) -> np.ndarray:
 
 
 def kd_probs(zs, target, tau: float) -> np.ndarray:
-    return -tau**2 * (np.asarray(target) * log_softmax(zs, tau)).sum(axis=1)
+    return -(tau**2) * (np.asarray(target) * log_softmax(zs, tau)).sum(axis=1)
 
 
 def entropy(z, tau: float = 1.0) -> np.ndarray:

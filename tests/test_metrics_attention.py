@@ -131,6 +131,9 @@ def test_iou_hand_made_mean_vs_pooled_and_threshold() -> None:
     h = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
     assert attention_iou(g, h, threshold=0.4) == 1.0
     assert attention_iou(g, h, threshold=0.2) == pytest.approx(2 / 3)
+    # a value exactly at the threshold is inside the region (normalised map >= threshold)
+    edge = torch.tensor([[[0.0, 0.4, 1.0]]], dtype=torch.float64)
+    assert attention_iou(edge, torch.tensor([[[0.0, 1.0, 1.0]]]), threshold=0.4) == 1.0
 
 
 def test_iou_normalises_per_image_and_upsamples() -> None:

@@ -147,10 +147,14 @@ def test_top1_agreement_and_predictive_kl_against_numpy(rng: np.random.Generator
     forward = np.mean(np.sum(pt * np.log(pt / ps), axis=1))  # fidelity study Eq. 3
     reverse = np.mean(np.sum(ps * np.log(ps / pt), axis=1))
     assert predictive_kl(_t(t), _t(s)) == pytest.approx(forward, rel=1e-12)
-    assert predictive_kl(_t(t), _t(s), direction="student_teacher", scale=10.0) == pytest.approx(10 * reverse, rel=1e-12)
+    assert predictive_kl(_t(t), _t(s), direction="student_teacher", scale=10.0) == pytest.approx(
+        10 * reverse, rel=1e-12
+    )
     assert forward != pytest.approx(reverse, rel=1e-3)
     pt4, ps4 = np_softmax(t / 4), np_softmax(s / 4)
-    assert predictive_kl(_t(t), _t(s), temperature=4.0) == pytest.approx(np.mean(np.sum(pt4 * np.log(pt4 / ps4), 1)), rel=1e-12)
+    assert predictive_kl(_t(t), _t(s), temperature=4.0) == pytest.approx(
+        np.mean(np.sum(pt4 * np.log(pt4 / ps4), 1)), rel=1e-12
+    )
     assert predictive_kl(_t(t), _t(t)) == pytest.approx(0.0, abs=1e-14)
     # teacher with zero-probability classes: those terms are 0 (p log p/q -> 0), result is finite
     zero_t = torch.tensor([[0.0, -math.inf]])
@@ -222,13 +226,17 @@ def test_ece_hand_made_and_random_against_numpy(rng: np.random.Generator) -> Non
     y = np.where(rng.random(1000) < 0.5, z.argmax(1), rng.integers(0, 10, size=1000))
     p = np_softmax(z)
     assert ece(_t(z), _t(y), n_bins=15) == pytest.approx(np_ece(p, y, 15), rel=1e-10)
-    assert ece(_t(z), _t(y), n_bins=15, weighting="uniform") == pytest.approx(np_ece(p, y, 15, weighted=False), rel=1e-10)
+    assert ece(_t(z), _t(y), n_bins=15, weighting="uniform") == pytest.approx(
+        np_ece(p, y, 15, weighted=False), rel=1e-10
+    )
     assert np_ece(p, y, 15) != pytest.approx(np_ece(p, y, 15, weighted=False), rel=1e-3)
     diagram = reliability_diagram(_t(z), _t(y), n_bins=15)
     conf = p.max(1)
     edges = np.arange(16) / 15
     counts = [int(((conf > lo) & (conf <= hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
     assert diagram.counts == counts and sum(diagram.counts) == 1000
+    # right-closed bins ((m-1)/M, m/M]: confidence exactly 0.5 belongs to (0.25, 0.5], not (0.5, 0.75]
+    assert reliability_diagram(torch.zeros(3, 2), torch.tensor([0, 1, 0]), n_bins=4).counts == [0, 3, 0, 0]
     k = int(np.argmax(counts))
     in_bin = (conf > edges[k]) & (conf <= edges[k + 1])
     assert diagram.accuracy[k] == pytest.approx((p.argmax(1) == y)[in_bin].mean(), rel=1e-12)

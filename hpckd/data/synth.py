@@ -41,19 +41,20 @@ def render(c: int, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     """One HxWx3 uint8 image of class ``c``."""
     h, w = spec.height, spec.width
     hue, orientation = class_style(c, spec.classes)
-    hue = (hue + rng.normal(0.0, 0.02)) % 1.0
-    base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
+    hue = (hue + rng.normal(0.0, 0.06)) % 1.0
+    base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     coord = yy / h if orientation == 0 else xx / w
     freq = rng.uniform(3.0, 5.0)
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * coord + rng.uniform(0, 2 * np.pi))
-    img = base[None, None, :] * (0.35 + 0.65 * stripes[..., None])
+    contrast = rng.uniform(0.3, 0.7)
+    img = base[None, None, :] * (1.0 - contrast + contrast * stripes[..., None])
     # A distractor blob of a random colour at a random place: content the model must learn to ignore.
     cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-    radius = rng.uniform(0.1, 0.25) * min(h, w)
+    radius = rng.uniform(0.15, 0.35) * min(h, w)
     blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < radius**2
     img[blob] = rng.uniform(0, 1, size=3)
-    img = img + rng.normal(0.0, 0.06, size=img.shape)
+    img = img + rng.normal(0.0, 0.08, size=img.shape)
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 

@@ -8,6 +8,17 @@ values that reproduce each paper.
 from hpckd.losses.base import Loss
 from hpckd.losses.checks import NonFiniteError, check_loss_finite
 from hpckd.losses.config import LossConfig
+from hpckd.losses.recipes import RECIPES, recipe
 from hpckd.losses.registry import available, build_loss, register
 
-__all__ = ["Loss", "LossConfig", "NonFiniteError", "available", "build_loss", "check_loss_finite", "register"]
+__all__ = [
+    "RECIPES",
+    "Loss",
+    "LossConfig",
+    "NonFiniteError",
+    "available",
+    "build_loss",
+    "check_loss_finite",
+    "recipe",
+    "register",
+]

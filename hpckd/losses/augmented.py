@@ -10,7 +10,8 @@ each KL averaged over its own half, and the two half-means summed, as in the stu
 (``lw_mix = [1, 0, 1]``, ``-r 0.1 -a 0.9``: ce_weight 0.1, kd_weight 0.9, i.e. alpha = 0.1 here).
 
 Marker contract: the batch op that doubles the batch sets ``batch.aug["doubled"]``, a bool tensor (N,) that is
-True for augmented-half samples; their ``labels`` entries are ignored by this loss.
+True for augmented-half samples; their ``labels`` entries are ignored by this loss (they must still be class
+ids, e.g. the source sample's label, because every label is range-checked).
 Terms: ``ce`` (original half), ``kd`` (original half), ``kd_aug`` (augmented half); per-teacher ``kd{k}`` /
 ``kd_aug{k}`` with several teachers (combined per ``loss.ensemble``).
 """

@@ -4,12 +4,14 @@
 the weighted total that is back-propagated, every other key is a named, *unweighted*, detached term that
 the engine logs (``ce``, ``kd``, per-teacher ``kd0``, ``kd1``, ...). Inputs may be bf16/fp16: losses compute
 in fp32 (fp64 inputs stay fp64, for gradient checks). Teacher logits are constants (detached): teachers are
-frozen in every study. Padding samples (``batch.valid`` False) never contribute.
+frozen in every study. Padding samples (``batch.valid`` False) never contribute. Means are per rank (over its
+valid samples); DDP then averages gradients over ranks, which equals the global mean whenever ranks hold
+equally many valid samples (all but a padded last batch).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

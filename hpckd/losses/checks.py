@@ -7,7 +7,7 @@ offending global sample ids) and say how to fix it, in one line.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,12 +35,33 @@ def check_logits(
 ) -> None:
     """Raise a one-line error for malformed logits.
 
+    Shapes are checked on the host; labels in range and (optionally) finite values cost one device sync
+    in total, and only a failing batch pays for the detailed diagnosis.
+
     Args:
         student: (N, C) student logits.
         teachers: list of (N, C) teacher logits, one per teacher.
         batch: the :class:`~hpckd.data.batch.Batch` (for the error message and the label range).
-        check_finite: also reject NaN/Inf (costs one device sync per call).
+        check_finite: also reject NaN/Inf.
     """
+    _check_shapes(student, teachers)
+    c = student.shape[1]
+    labels = _class_labels(batch)
+    flags = []
+    if labels is not None:
+        flags += [labels.max() >= c, labels.min() < 0]
+    if check_finite:
+        flags += [~torch.isfinite(x).all() for x in (student, *teachers)]
+    if not flags or not bool(torch.stack([f.to(student.device) for f in flags]).any()):  # the one sync
+        return
+    if labels is not None:
+        _check_label_range(labels, c, batch)
+    _check_finite("student", student, batch)
+    for k, t in enumerate(teachers):
+        _check_finite(f"teacher {k}", t, batch)
+
+
+def _check_shapes(student: torch.Tensor, teachers: Sequence[torch.Tensor]) -> None:
     if student.dim() != 2:
         raise ConfigError(f"student logits must be (batch, classes); got shape {tuple(student.shape)}")
     n, c = student.shape
@@ -52,17 +73,23 @@ def check_logits(
             )
         if t.shape[0] != n:
             raise ConfigError(f"teacher {k} gives logits for {t.shape[0]} samples but the student for {n}")
+
+
+def _class_labels(batch: object | None) -> torch.Tensor | None:
     labels = getattr(batch, "labels", None)
-    if labels is not None and labels.numel() > 0 and labels.dtype != torch.bool:
-        if labels.dim() == 1 and (int(labels.max()) >= c or int(labels.min()) < 0):
-            raise ConfigError(
-                f"label {int(labels.max())} out of range for a {c}-class student in {_batch_where(batch)}: "
-                f"set the model's num_classes to the dataset's class count"
-            )
-    if check_finite:
-        _check_finite("student", student, batch)
-        for k, t in enumerate(teachers):
-            _check_finite(f"teacher {k}", t, batch)
+    if labels is None or labels.numel() == 0 or labels.dim() != 1 or labels.is_floating_point():
+        return None
+    return labels
+
+
+def _check_label_range(labels: torch.Tensor, c: int, batch: object | None) -> None:
+    bad = (labels >= c) | (labels < 0)
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ConfigError(
+            f"label {first} out of range for a {c}-class student in {_batch_where(batch, bad)}: "
+            f"set the model's num_classes to the dataset's class count"
+        )
 
 
 def _check_finite(who: str, logits: torch.Tensor, batch: object | None) -> None:
@@ -82,4 +109,6 @@ def check_loss_finite(terms: dict[str, torch.Tensor], batch: object | None = Non
     """Raise :class:`NonFiniteError` naming the first non-finite term (the engine adds the step number)."""
     for name, value in terms.items():
         if not bool(torch.isfinite(value.detach()).all()):
-            raise NonFiniteError(f"loss term '{name}' is {float(value.detach().float().sum())} in {_batch_where(batch)}")
+            raise NonFiniteError(
+                f"loss term '{name}' is {float(value.detach().float().sum())} in {_batch_where(batch)}"
+            )

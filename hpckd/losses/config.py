@@ -43,9 +43,9 @@ class LossConfig:
     ce_weight: float = 1.0  # weight of the hard-label term L_NLL
     kd_weight: float = 1.0  # weight of the (mean over teachers) KD term
     kd_form: str = "cross_entropy"  # cross_entropy (attention study Eq. 7) | kl (= cross_entropy - tau^2 H(teacher))
-    alpha: Optional[float] = None  # hard-label weight; if set: ce_weight=alpha, kd_weight=1-alpha
+    alpha: Optional[float] = None  # noqa: UP045 (as hpckd.config)  hard-label weight -> ce=alpha, kd=1-alpha
     check_finite: bool = True  # reject NaN/Inf logits with a clear error (one device sync per step)
-    teacher_tau: Optional[float] = None  # teacher temperature if it differs from tau (response study stage 2: 0.7)
+    teacher_tau: Optional[float] = None  # noqa: UP045  teacher temperature if not tau (response study stage 2: 0.7)
     label_smoothing: float = 0.0  # eps of the hard-label CE term (response study stage-1 code: 0.1)
     ensemble: str = "mean_loss"  # mean_loss (attention Eq. 8) | mean_prob (fidelity study) | mean_logit
     # KD + DA with a doubled batch (augmentation study Sec. 4.1)
@@ -65,7 +65,7 @@ class LossConfig:
     target_subset: str = "all"  # all | correct | reg | reg_correct | not_correct
     amplify_delta: float = 0.1  # delta of Eqs. 4-5
 
-    def validated(self) -> "LossConfig":
+    def validated(self) -> LossConfig:
         """Check ranges and choices; resolve ``alpha`` into the two weights. Returns a new config."""
         cfg = dataclasses.replace(self)
         if cfg.alpha is not None:

@@ -47,7 +47,7 @@ def pick_scores(
 
 def n_keep(pool_size: int, ratio: float) -> int:
     """Number of pool samples kept: round(r * P), at least 1."""
-    return max(1, min(pool_size, int(math.floor(ratio * pool_size + 0.5))))
+    return max(1, min(pool_size, math.floor(ratio * pool_size + 0.5)))
 
 
 def pick_indices(scores: torch.Tensor, ratio: float, order: str = "highest") -> torch.Tensor:
@@ -63,11 +63,11 @@ def pick_indices(scores: torch.Tensor, ratio: float, order: str = "highest") -> 
     return ranked[:k]
 
 
-def select(
-    teacher_logits: torch.Tensor | None, student_logits: torch.Tensor | None, cfg: LossConfig
-) -> torch.Tensor:
+def select(teacher_logits: torch.Tensor | None, student_logits: torch.Tensor | None, cfg: LossConfig) -> torch.Tensor:
     """Pool indices to keep under the configured criterion, ratio and order."""
-    return pick_indices(pick_scores(teacher_logits, student_logits, cfg.pick_criterion, cfg.tau), cfg.pick_ratio, cfg.pick_order)
+    return pick_indices(
+        pick_scores(teacher_logits, student_logits, cfg.pick_criterion, cfg.tau), cfg.pick_ratio, cfg.pick_order
+    )
 
 
 def needs_student(cfg: LossConfig) -> bool:

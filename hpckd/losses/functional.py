@@ -8,7 +8,7 @@ Notation follows the papers: z_s / z_t student / teacher logits, sigma the softm
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

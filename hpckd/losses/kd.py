@@ -42,7 +42,9 @@ class CrossEntropy(Loss):
 class EnsembleKD(Loss):
     """L = ce_weight L_NLL + kd_weight (1/N) sum_k L_KDk (attention study Eqs. 6-8)."""
 
-    def kd_terms(self, student: torch.Tensor, teachers: list[torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def kd_terms(
+        self, student: torch.Tensor, teachers: list[torch.Tensor], mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """``kd`` (with grad) and, per teacher, ``kd{k}`` for the configured ensemble mode."""
         cfg = self.cfg
         if cfg.ensemble != "mean_loss" and len(teachers) > 1:

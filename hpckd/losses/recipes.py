@@ -34,7 +34,11 @@ RECIPES: dict[str, LossConfig] = {
     "augmentation_study": LossConfig(name="kd_da", tau=4.0, alpha=0.1, kd_form="kl"),
     "augmentation_kd": LossConfig(name="kd", tau=4.0, alpha=0.1, kd_form="kl"),
     "response_analysis": LossConfig(
-        name="soft_target_kd", tau=1.0, ce_weight=0.0, kd_weight=1.0, target_manipulate="label_smoothing",
+        name="soft_target_kd",
+        tau=1.0,
+        ce_weight=0.0,
+        kd_weight=1.0,
+        target_manipulate="label_smoothing",
         target_subset="reg_correct",
     ),
     "efficient_stage1": LossConfig(
@@ -80,10 +84,20 @@ def efficient_distillation_stages(total_epochs: int = 300) -> list[Stage]:
         raise ConfigError(f"efficient distillation needs at least 2 epochs (one per stage), got {total_epochs}")
     first = max(1, min(total_epochs - 1, round(total_epochs * 240 / 300)))
     return [
-        Stage("stage1", first, recipe("efficient_stage1"), "first",
-              ("optim.lr=0.5", "optim.weight_decay=4e-05", "optim.schedule=cosine")),
-        Stage("stage2", total_epochs - first, recipe("efficient_stage2"), "second",
-              ("optim.lr=0.05", "optim.weight_decay=0.0", "optim.schedule=cosine")),
+        Stage(
+            "stage1",
+            first,
+            recipe("efficient_stage1"),
+            "first",
+            ("optim.lr=0.5", "optim.weight_decay=4e-05", "optim.schedule=cosine"),
+        ),
+        Stage(
+            "stage2",
+            total_epochs - first,
+            recipe("efficient_stage2"),
+            "second",
+            ("optim.lr=0.05", "optim.weight_decay=0.0", "optim.schedule=cosine"),
+        ),
     ]
 
 

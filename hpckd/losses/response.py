@@ -35,11 +35,15 @@ class SoftTargetKD(Loss):
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__(cfg)
         if cfg.target_replace != "none" and cfg.target_manipulate != "none":
-            raise ConfigError("loss.target_replace and loss.target_manipulate are both set: the study varies one at a time")
+            raise ConfigError(
+                "loss.target_replace and loss.target_manipulate are both set: the study varies one at a time"
+            )
         self.min_teachers = 2 if cfg.target_replace != "none" else 1
         self.max_teachers = 2
 
-    def targets(self, student: torch.Tensor, teachers: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(
+        self, student: torch.Tensor, teachers: list[torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(modified targets (N, C), subset mask (N,)) at the teacher temperature."""
         cfg = self.cfg
         tau_t = cfg.teacher_tau or cfg.tau
@@ -65,4 +69,9 @@ class SoftTargetKD(Loss):
         kd = masked_mean(kd_from_probs(student, target, cfg.tau, cfg.kd_form), mask)
         ce = self.hard_label_term(student, batch, mask)
         total = weighted_total([(cfg.ce_weight, ce), (cfg.kd_weight, kd)])
-        return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), "subset_frac": masked_mean(subset.to(student.dtype), mask)}
+        return {
+            "loss": total,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "subset_frac": masked_mean(subset.to(student.dtype), mask),
+        }

@@ -101,7 +101,9 @@ def subset_mask(
         return correct
     if subset == "not_correct":
         return ~correct
-    reg = label_prob(F.softmax(student_tempered, dim=1), labels) > label_prob(F.softmax(teacher_tempered, dim=1), labels)
+    reg = label_prob(F.softmax(student_tempered, dim=1), labels) > label_prob(
+        F.softmax(teacher_tempered, dim=1), labels
+    )
     if subset == "reg":
         return reg
     if subset == "reg_correct":

@@ -36,7 +36,12 @@ from hpckd.losses.targets import label_prob, label_smoothing_target
 
 
 def wsl_weight(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau_s: float, tau_t: float, eps: float = 0.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tau_s: float,
+    tau_t: float,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """w = 1 - exp(-max(CE_s / (CE_t + eps), 0)) per sample, detached (Zhou et al. 2021, Eq. 9)."""
     with torch.no_grad():
@@ -65,7 +70,9 @@ class WeightedSoftLabels(Loss):
         return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), "wsl_weight": masked_mean(w, mask)}
 
 
-def mined_mask(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
+def mined_mask(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau_s: float, tau_t: float
+) -> torch.Tensor:
     """Consistent-knowledge-mining samples: teacher correct and y^t_k < y^s_k (Sec. 5.1)."""
     with torch.no_grad():
         correct = teacher_logits.argmax(dim=1) == labels
@@ -90,4 +97,9 @@ class ConsistentKnowledgeMining(Loss):
         kd = masked_mean(torch.where(mined, label_term, kd_per_sample), mask)
         ce = masked_mean(hard_ce(student, labels, cfg.label_smoothing), mask)
         total = weighted_total([(cfg.ce_weight, ce), (cfg.kd_weight, kd)])
-        return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), "mined_frac": masked_mean(mined.to(student.dtype), mask)}
+        return {
+            "loss": total,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "mined_frac": masked_mean(mined.to(student.dtype), mask),
+        }

@@ -16,7 +16,8 @@ Attention study (Guo et al.), Sec. 4.1 and Eq. 1:
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +189,9 @@ def intersection_union(
 
 def _per_image_iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     # Two empty regions agree perfectly (only possible for constant maps with threshold > 0).
-    return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.ones_like(inter, dtype=torch.float64))
+    return torch.where(
+        union > 0, inter.double() / union.clamp(min=1).double(), torch.ones_like(inter, dtype=torch.float64)
+    )
 
 
 def attention_iou(

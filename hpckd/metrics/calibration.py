@@ -71,11 +71,16 @@ def diagram_from_sums(counts: torch.Tensor, correct: torch.Tensor, confidence_su
     acc = torch.where(c > 0, correct.double().cpu() / safe, torch.full_like(c, float("nan")))
     conf = torch.where(c > 0, confidence_sum.double().cpu() / safe, torch.full_like(c, float("nan")))
     return ReliabilityDiagram(
-        edges=bin_edges(c.shape[0]).tolist(), counts=[int(v) for v in counts.cpu()], accuracy=acc.tolist(), confidence=conf.tolist()
+        edges=bin_edges(c.shape[0]).tolist(),
+        counts=[int(v) for v in counts.cpu()],
+        accuracy=acc.tolist(),
+        confidence=conf.tolist(),
     )
 
 
-def ece_from_bins(counts: torch.Tensor, accuracy: torch.Tensor, confidence: torch.Tensor, weighting: Weighting = "count") -> float:
+def ece_from_bins(
+    counts: torch.Tensor, accuracy: torch.Tensor, confidence: torch.Tensor, weighting: Weighting = "count"
+) -> float:
     """ECE from per-bin counts, accuracies and mean confidences (attention study Eq. 13).
 
     ``"count"`` weights each bin by |B_m| / N (Eq. 13); ``"uniform"`` averages non-empty bins equally (the

@@ -17,7 +17,8 @@ downstream metrics accept either logits or log-probabilities.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -38,7 +39,9 @@ def as_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def ensemble_logprobs(members: Sequence[torch.Tensor] | torch.Tensor, mode: EnsembleMode = "mean_probs") -> torch.Tensor:
+def ensemble_logprobs(
+    members: Sequence[torch.Tensor] | torch.Tensor, mode: EnsembleMode = "mean_probs"
+) -> torch.Tensor:
     """Log-probabilities (float64, (N, C)) of a teacher ensemble from its members' logits.
 
     Args:

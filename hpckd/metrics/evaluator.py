@@ -23,6 +23,7 @@ from hpckd.metrics.calibration import (
     confidence_bins,
     diagram_from_sums,
 )
+from hpckd.metrics.classification import entropy, nll
 from hpckd.metrics.ensemble import as_logprobs
 from hpckd.metrics.exact import all_reduce_int64, fixed_sum, from_fixed, to_fixed
 from hpckd.metrics.fidelity import KL_DIRECTIONS, kl_per_sample
@@ -120,7 +121,12 @@ class Evaluator:
         shapes.update({f"correct_top{k}": () for k in self.options.topk})
         self._state = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
         self._tstddev = (
-            TStdDev(c, self.options.tstddev_group_size, self.options.tstddev_unbiased, self.options.tstddev_rows_per_position)
+            TStdDev(
+                c,
+                self.options.tstddev_group_size,
+                self.options.tstddev_unbiased,
+                self.options.tstddev_rows_per_position,
+            )
             if self.options.tstddev_group_size
             else None
         )
@@ -146,9 +152,10 @@ class Evaluator:
         if student_logits.dim() != 2 or student_logits.shape[1] != self.num_classes:
             raise ValueError(f"student logits must be (N, {self.num_classes}), got {tuple(student_logits.shape)}")
         if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must match student {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"teacher logits {tuple(teacher_logits.shape)} must match student {tuple(student_logits.shape)}"
+            )
         if self._tstddev is not None and teacher_logits is not None:
-            # Before masking: default positions count every row the loader delivered, padding included.
             self._tstddev.update(teacher_logits.detach(), positions, valid)
         keep = None if valid is None else valid.to(student_logits.device).bool()
         select = (lambda x: x) if keep is None else (lambda x: x[keep])  # noqa: E731
@@ -165,10 +172,9 @@ class Evaluator:
     def _update_model(self, prefix: str, logits: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor) -> None:
         n = logits.shape[0]
         self._add(prefix + "count", torch.tensor(n, device=logits.device))
-        self._add(prefix + "nonfinite", (~torch.isfinite(logits).all(dim=-1)).sum())
-        self._add(prefix + "nll", fixed_sum(-logp.gather(1, labels[:, None]).squeeze(1)))
-        plogp = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp.exp() * logp)
-        self._add(prefix + "entropy", fixed_sum(-plogp.sum(dim=-1)))
+        self._add(prefix + "nonfinite", _broken_rows(logits).sum())
+        self._add(prefix + "nll", fixed_sum(nll(logp, labels, reduction="none")))  # type: ignore[arg-type]
+        self._add(prefix + "entropy", fixed_sum(entropy(logp, reduction="none")))  # type: ignore[arg-type]
         conf, correct = confidence_and_correct(logp, labels)
         idx = confidence_bins(conf, self.options.n_bins)
         m = self.options.n_bins
@@ -188,7 +194,8 @@ class Evaluator:
         o = self.options
         t_pred, s_pred = teacher.argmax(dim=-1), student.argmax(dim=-1)
         self._add("agree", (t_pred == s_pred).sum())
-        self._add("kl", fixed_sum(kl_per_sample(teacher, student, o.kl_direction, o.kl_temperature)))  # type: ignore[arg-type]
+        kl = kl_per_sample(teacher, student, o.kl_direction, o.kl_temperature)  # type: ignore[arg-type]
+        self._add("kl", fixed_sum(kl))
         joint = joint_histogram(t_pred, s_pred, self.num_classes)
         self._add("joint", joint)
         if o.mi_estimator == "per_batch" and t_pred.numel() > 0:
@@ -218,7 +225,9 @@ class Evaluator:
         name = "teacher_" if prefix else ""
         if n == 0:
             return {"count": 0.0}
-        diagram = diagram_from_sums(st[prefix + "bin_count"], st[prefix + "bin_correct"], from_fixed(st[prefix + "bin_conf"]))
+        diagram = diagram_from_sums(
+            st[prefix + "bin_count"], st[prefix + "bin_correct"], from_fixed(st[prefix + "bin_conf"])
+        )
         out = {
             f"{name}nll": float(from_fixed(st[prefix + "nll"])) / n,
             f"{name}entropy": float(from_fixed(st[prefix + "entropy"])) / n,
@@ -254,6 +263,12 @@ class Evaluator:
         if int(st["t_count"]) > 0:
             out["teacher"] = diagram_from_sums(st["t_bin_count"], st["t_bin_correct"], from_fixed(st["t_bin_conf"]))
         return out
+
+
+def _broken_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows with NaN or +inf, or all -inf. A -inf entry alone is a legitimate zero probability
+    (e.g. in ensemble log-probabilities) and does not break a row."""
+    return torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
 
 
 def _nan_except(metrics: dict[str, float], keep: tuple[str, ...]) -> dict[str, float]:

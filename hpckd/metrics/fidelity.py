@@ -25,7 +25,9 @@ KL_DIRECTIONS: tuple[str, ...] = ("teacher_student", "student_teacher")
 
 def _check_same(teacher: torch.Tensor, student: torch.Tensor) -> None:
     if teacher.shape != student.shape or teacher.dim() != 2:
-        raise ValueError(f"teacher and student outputs must both be (N, C), got {tuple(teacher.shape)} and {tuple(student.shape)}")
+        raise ValueError(
+            f"teacher and student outputs must both be (N, C), got {tuple(teacher.shape)} and {tuple(student.shape)}"
+        )
 
 
 def agreement_mask(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,9 @@ def mutual_information(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     values = [
-        mutual_information_from_joint(joint_histogram(t[i : i + batch_size], s[i : i + batch_size], num_classes), miller_madow)
+        mutual_information_from_joint(
+            joint_histogram(t[i : i + batch_size], s[i : i + batch_size], num_classes), miller_madow
+        )
         for i in range(0, t.shape[0], batch_size)
     ]
     return float(sum(values) / len(values)) if values else float("nan")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -20,7 +20,8 @@ def ab_test_pvalue(fidelity_control: Sequence[float], fidelity_treatment: Sequen
     control = np.asarray(fidelity_control, dtype=np.float64)
     treatment = np.asarray(fidelity_treatment, dtype=np.float64)
     if control.shape != treatment.shape or control.ndim != 1 or control.size == 0:
-        raise ValueError(f"need two equally long, non-empty 1-D sequences of paired trials, got {control.shape} and {treatment.shape}")
+        shapes = f"{control.shape} and {treatment.shape}"
+        raise ValueError(f"need two equally long, non-empty 1-D sequences of paired trials, got {shapes}")
     return float(np.count_nonzero(treatment > control)) / control.size
 
 

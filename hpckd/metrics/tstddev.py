@@ -33,7 +33,7 @@ def tstddev_from_group_means(group_means: torch.Tensor, unbiased: bool = True) -
     """Eq. 10: mean over classes of the per-class standard deviation of the (G, C) group mean vectors."""
     if group_means.shape[0] < 2:
         return float("nan")
-    return float(group_means.double().var(dim=0, unbiased=unbiased).sqrt().mean())
+    return float(group_means.double().var(dim=0, correction=1 if unbiased else 0).sqrt().mean())
 
 
 def tstddev(teacher_probs: torch.Tensor, group_size: int = 640, unbiased: bool = True) -> float:
@@ -72,7 +72,7 @@ class TStdDev:
     """Streaming, distributed T. stddev (augmentation study Eq. 9-10).
 
     Each sample is assigned to group ``(position * rows_per_position) // group_size``, where ``position`` is its
-    place in the 1-rank loader order. Without explicit positions, the i-th row seen on rank r of W gets
+    place in the 1-rank loader order. Without explicit positions, the i-th valid row seen on rank r of W gets
     ``i * W + r`` -- the order of ``torch.utils.data.DistributedSampler`` (rank r takes every W-th sample), so
     2 ranks give the same groups as 1 rank. Pass positions yourself for other shardings (e.g. contiguous DALI
     shards). ``rows_per_position = 2`` suits the doubled batch, where an original and its augmented copy share a
@@ -80,7 +80,9 @@ class TStdDev:
     groups (one (C,) int64 sum each), which the metric inherently needs.
     """
 
-    def __init__(self, num_classes: int, group_size: int = 640, unbiased: bool = True, rows_per_position: int = 1) -> None:
+    def __init__(
+        self, num_classes: int, group_size: int = 640, unbiased: bool = True, rows_per_position: int = 1
+    ) -> None:
         if group_size < 1 or rows_per_position < 1:
             raise ValueError("group_size and rows_per_position must be >= 1")
         self.num_classes = num_classes
@@ -113,16 +115,20 @@ class TStdDev:
         self._seen += n
         return local * world + rank
 
-    def update(self, teacher_logits: torch.Tensor, positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
+    def update(
+        self, teacher_logits: torch.Tensor, positions: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> None:
         """Add (N, C) teacher logits or log-probabilities (softmax at tau = 1 is applied)."""
         device = teacher_logits.device
+        if valid is not None:
+            keep = valid.to(device).bool()
+            teacher_logits = teacher_logits[keep]
+            positions = None if positions is None else positions.to(device)[keep]
         if positions is None:
+            # Only valid rows advance the counter, so padding (wherever the loader puts it) shifts nothing.
             positions = self.default_positions(teacher_logits.shape[0], device)
         probs = as_logprobs(teacher_logits).exp()
         groups = (positions.to(device).long() * self.rows_per_position) // self.group_size
-        if valid is not None:
-            keep = valid.to(device).bool()
-            probs, groups = probs[keep], groups[keep]
         if groups.numel() == 0:
             return
         self._grow(int(groups.max()) + 1, device)

@@ -1,5 +1,37 @@
-"""Model zoo: ``create(name, num_classes)``, ``available()``."""
+"""Model zoo of the studies: ``create(name, num_classes)``, ``available()``, weights, complexity, metric hooks.
 
-from hpckd.models.registry import available, create, register
+* :mod:`~hpckd.models.registry` -- names -> builders, each with its native input size (:func:`spec`).
+* CIFAR nets (32 px): ``cifar_resnet`` (resnet8..110, resnet8x4, resnet32x4), ``preact_resnet`` (preresnet20/56/110
+  with ``norm="bn"|"ln"``), ``wrn`` (wrn_16_2, wrn_40_1, wrn_40_2), ``cifar_vgg`` (vgg8..vgg19),
+  ``cifar_mobilenetv2`` (mobilenetv2_cifar), ``cifar_shufflenet`` (shufflenetv1_cifar, shufflenetv2_cifar).
+* ImageNet nets (224 px, torchvision, ``weights=None``): resnet18/34/50/101, vgg16_bn, vgg19_bn, mobilenet_v2,
+  vit_b_16, vit_b_32.
+* :func:`load_weights` -- local state-dict files or hpckd checkpoints, one clear error on any mismatch.
+* :func:`count_params`, :func:`count_macs`, :func:`describe_models` -- what ``hpckd models`` prints.
+* :func:`cam_features`, :func:`vit_attentions` -- the hooks the attention metrics use.
+"""
 
-__all__ = ["available", "create", "register"]
+from hpckd.models.complexity import ModelRow, count_macs, count_params, describe_models, format_table
+from hpckd.models.hooks import cam_features, forward_with_attentions, linear_head, unwrap, vit_attentions
+from hpckd.models.registry import ModelSpec, available, create, register, spec
+from hpckd.models.weights import apply_state_dict, load_weights
+
+__all__ = [
+    "ModelRow",
+    "ModelSpec",
+    "apply_state_dict",
+    "available",
+    "cam_features",
+    "count_macs",
+    "count_params",
+    "create",
+    "describe_models",
+    "format_table",
+    "forward_with_attentions",
+    "linear_head",
+    "load_weights",
+    "register",
+    "spec",
+    "unwrap",
+    "vit_attentions",
+]

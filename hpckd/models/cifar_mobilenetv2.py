@@ -54,7 +54,9 @@ class InvertedResidual(nn.Module):
 class CifarMobileNetV2(nn.Module):
     """``features`` is the 1280-channel map before pooling (N, 1280, 2, 2 at 32 px); ``fc`` the classifier."""
 
-    def __init__(self, num_classes: int, width_mult: float = 0.5, expansion: int = 6, last_channels: int = 1280) -> None:
+    def __init__(
+        self, num_classes: int, width_mult: float = 0.5, expansion: int = 6, last_channels: int = 1280
+    ) -> None:
         super().__init__()
         in_ch = int(32 * width_mult)
         self.stem = nn.Sequential(*_conv_bn(3, in_ch, 3, 2), nn.ReLU(inplace=True))

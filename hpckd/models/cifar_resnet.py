@@ -9,11 +9,11 @@ last convolutional feature map, ``fc`` is the classifier, so class activation ma
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from hpckd.models.registry import register
 

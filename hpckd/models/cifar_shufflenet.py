@@ -91,7 +91,10 @@ class ShuffleV2Unit(nn.Module):
         half = channels // 2
         self.half = half
         self.branch = nn.Sequential(
-            _bn_conv(half, half, 1), nn.ReLU(inplace=True), _bn_conv(half, half, 3, groups=half), _bn_conv(half, half, 1)
+            _bn_conv(half, half, 1),
+            nn.ReLU(inplace=True),
+            _bn_conv(half, half, 3, groups=half),  # depthwise, no activation (Ma et al. 2018, Fig. 3)
+            _bn_conv(half, half, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +108,9 @@ class ShuffleV2Down(nn.Module):
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
         mid = out_ch // 2
-        self.left = nn.Sequential(_bn_conv(in_ch, in_ch, 3, 2, groups=in_ch), _bn_conv(in_ch, mid, 1), nn.ReLU(inplace=True))
+        self.left = nn.Sequential(
+            _bn_conv(in_ch, in_ch, 3, 2, groups=in_ch), _bn_conv(in_ch, mid, 1), nn.ReLU(inplace=True)
+        )
         self.right = nn.Sequential(
             _bn_conv(in_ch, mid, 1),
             nn.ReLU(inplace=True),

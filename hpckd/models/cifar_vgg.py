@@ -13,7 +13,7 @@ Dropout-512-512-classes MLP head. It has no single linear classifier, so CAMs ar
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

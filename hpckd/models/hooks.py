@@ -13,7 +13,7 @@ Both accept models wrapped in DDP (``.module``) or ``torch.compile`` (``._orig_m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision

@@ -5,7 +5,7 @@ skip connections and the standard three-stage macro-structure" with 16/32/64 fil
 and 110 (He et al. 2016b, "Identity Mappings in Deep Residual Networks"). For its optimisation experiments
 (Sec. 5.2) it replaces BatchNorm with LayerNorm (Ba et al. 2016) "because ... with BatchNorm layers even when the
 teacher and the student have identical weights, they can make different predictions due to differences in the
-activation statistics"; ``norm="ln"`` gives that variant.
+activation statistics"; ``norm="ln"`` (or the names ``preresnet20_ln``/``56_ln``/``110_ln``) gives that variant.
 
 Known difference between the paper and its public code (a config option, ``block``):
   the text describes basic residual blocks at every depth, while the public code (ported from bearpaw's
@@ -20,7 +20,7 @@ resolution-independent and keeps no running statistics at all.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -144,5 +144,14 @@ def _make(depth: int) -> Callable[..., PreActResNet]:
     return build
 
 
+def _make_ln(depth: int) -> Callable[..., PreActResNet]:
+    # A named LayerNorm variant, so the fidelity study's Sec. 5.2 networks need only an ``arch`` string.
+    def build(num_classes: int, block: str = "auto", **kwargs) -> PreActResNet:
+        return PreActResNet(depth, num_classes, norm="ln", block=block, **kwargs)
+
+    return build
+
+
 for _depth in (20, 56, 110):
     register(f"preresnet{_depth}")(_make(_depth))
+    register(f"preresnet{_depth}_ln")(_make_ln(_depth))

@@ -9,8 +9,8 @@ time: torchvision builders are called with ``weights=None`` and weights come fro
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -41,7 +41,9 @@ _BUILDERS: dict[str, Builder] = {}
 _SPECS: dict[str, ModelSpec] = {}
 
 
-def register(name: str, *, input_size: int = 32, family: str = "cifar", kind: str = "cnn") -> Callable[[Builder], Builder]:
+def register(
+    name: str, *, input_size: int = 32, family: str = "cifar", kind: str = "cnn"
+) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(num_classes=..., **kw) -> nn.Module`` under ``name``."""
 
     def wrap(builder: Builder) -> Builder:

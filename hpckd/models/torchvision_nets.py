@@ -14,7 +14,7 @@ Extra keyword arguments go to the torchvision builder (e.g. ``image_size=384`` f
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torchvision
 from torch import nn

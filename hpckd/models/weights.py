@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpckd.errors import CheckpointError
+from hpckd.errors import CheckpointError, UserError
 from hpckd.models.hooks import linear_head, unwrap
 
 # Prefixes that wrappers add to state-dict keys (DDP / DeepSpeed ``module.``, torch.compile ``_orig_mod.``).
@@ -39,9 +39,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, drop_head: bool =
             class count).
     """
     path = Path(path)
+    state, meta = _split(_read(path), path)
+    source = f"{path} (checkpoint arch {meta['arch']})" if meta.get("arch") else str(path)
+    apply_state_dict(model, state, source, drop_head=drop_head)
+    return meta
+
+
+def apply_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, drop_head: bool = False
+) -> None:
+    """Check that ``state`` fits ``model`` exactly, then load it; ``source`` names the origin in the error."""
     model = unwrap(model)
-    raw = _read(path)
-    state, meta = _split(raw, path)
     state = _strip_wrapper_prefixes(state)
     target = model.state_dict()
     head_keys = _head_keys(model)
@@ -49,10 +57,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, drop_head: bool =
     state = {k: v for k, v in state.items() if k not in skipped}
     problem = _mismatch(state, target, skipped, head_keys)
     if problem:
-        source = f" (checkpoint arch {meta['arch']})" if meta.get("arch") else ""
-        raise CheckpointError(f"{path}{source} does not fit {_describe(model)}: {problem}")
+        raise CheckpointError(f"{source} does not fit {_describe(model)}: {problem}")
     model.load_state_dict(state, strict=not drop_head)
-    return meta
 
 
 def _read(path: Path) -> Any:
@@ -61,7 +67,7 @@ def _read(path: Path) -> Any:
     try:
         # Our own checkpoints carry plain config dicts next to tensors; the files are the user's own.
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, pickle garbage, ...
+    except Exception as exc:  # noqa: BLE001 -- any failure to unpickle (truncated zip, garbage) is a bad file
         raise CheckpointError(f"weights file {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
 
 
@@ -94,7 +100,7 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 def _head_keys(model: nn.Module) -> set[str]:
     try:
         name, head = linear_head(model)
-    except Exception:  # no recognisable classifier: nothing to drop or to report as a class count
+    except UserError:  # no recognisable classifier: nothing to drop or to report as a class count
         return set()
     return {f"{name}.{param}" for param, _ in head.named_parameters(recurse=False)}
 
@@ -135,6 +141,6 @@ def _describe(model: nn.Module) -> str:
     arch = getattr(model, "hpckd_arch", type(model).__name__)
     try:
         classes = f" ({linear_head(model)[1].out_features} classes)"
-    except Exception:  # a model without a recognisable head still gets a useful message
+    except UserError:  # a model without a recognisable head still gets a useful message
         classes = ""
     return f"{arch}{classes}"

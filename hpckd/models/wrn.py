@@ -9,7 +9,7 @@ compatibility, not for capacity). Published sizes at 100 classes: wrn_16_2 0.70M
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -42,7 +42,7 @@ def teacher_jobs(data_root: Path, epochs: int) -> list[Job]:
 
 
 def student_jobs(data_root: Path, root: Path, epochs: int) -> list[Job]:
-    teachers = f"teachers=[{{checkpoint:{root / 'runs/T1w/last.pt'}}},{{checkpoint:{root / 'runs/T2s/last.pt'}}}]"
+    teachers = f"teachers=[{{checkpoint: {root / 'runs/T1w/last.pt'}}},{{checkpoint: {root / 'runs/T2s/last.pt'}}}]"
     common = (f"data.root={data_root}", f"model.arch={STUDENT_ARCH}", f"optim.epochs={epochs}", "optim.lr=0.1", "seed=3")
     return [
         Job("T1wT2sSw", "distill", common + (teachers, "aug=weak", "loss.name=ensemble_kd", "loss.tau=4")),
@@ -90,7 +90,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         m = r["metrics"]
         agree = m.get("top1_agreement")
-        lines.append(f"{r['name']:<14} {m['accuracy']:>15.3f} {agree if agree is None else f'{agree:.3f}':>16}")
+        shown = "-" if agree is None else f"{agree:.3f}"  # teachers have no teacher to agree with
+        lines.append(f"{r['name']:<14} {m['accuracy']:>15.3f} {shown:>16}")
     return "\n".join(lines)
 
 

@@ -22,12 +22,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hpckd import dist
-from hpckd.config import to_container
+from hpckd.config import evaluator_options, to_container
 from hpckd.data.batch import STUDENT, Batch
 from hpckd.data.loaders import build_loaders
 from hpckd.errors import ConfigError, UserError
 from hpckd.io import atomic_write_json
-from hpckd.losses import build_loss
+from hpckd.losses import NonFiniteError, build_loss
 from hpckd.metrics import Evaluator, ensemble_logprobs
 from hpckd.models import create
 from hpckd.train.checkpoint import save_checkpoint
@@ -53,16 +53,16 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     out_dir = Path(cfg.out_dir)
     teacher_cfgs = list(cfg.teachers) if mode == "distill" else []
-    teachers = _load_teachers([t.checkpoint for t in teacher_cfgs], info.device) if teacher_cfgs else None
+    teachers = _load_teachers([t.checkpoint for t in teacher_cfgs], info.device, cfg.serving) if teacher_cfgs else None
     loaders = build_loaders(cfg, info, [t.aug for t in teacher_cfgs])
     num_classes = loaders.num_classes
     if teachers is not None:
         teachers.check_num_classes(num_classes)
-    model = create(cfg.model.arch, num_classes).to(info.device)
+    model = create(cfg.model.arch, num_classes, **cfg.model.kwargs).to(info.device)
     if cfg.model.weights:
         from hpckd.models import load_weights
 
-        load_weights(model, cfg.model.weights)
+        load_weights(model, cfg.model.weights, drop_head=cfg.model.drop_head)
     ddp_model: nn.Module = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.distributed else model
     loss_fn = build_loss(_loss_cfg(cfg, mode))
     optimizer = build_optimizer(cfg.optim, model)
@@ -85,14 +85,14 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
                                       logger, cfg.log_every, info)
         train_time += time.time() - t0
         step += steps_per_epoch
-        metrics = evaluate(model, loaders.val, teachers, num_classes, info)
+        metrics = evaluate(model, loaders.val, teachers, num_classes, cfg.metrics)
         record = {"epoch": epoch, **epoch_stats, **{f"val_{k}": v for k, v in metrics.items()}}
         history.append(record)
         logger.log({"event": "epoch", **record})
         if info.is_main:
             save_checkpoint(out_dir / "last.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "arch": cfg.model.arch, "num_classes": num_classes, "config": to_container(cfg), "epoch": epoch,
+                "arch": cfg.model.arch, "arch_kwargs": dict(cfg.model.kwargs), "num_classes": num_classes, "config": to_container(cfg), "epoch": epoch,
                 "meta": {"aug": cfg.aug, "mode": mode, "fingerprint": loaders.train_index.fingerprint(),
                          "classes": loaders.train_index.classes, "val_acc": metrics.get("accuracy")},
             })
@@ -112,10 +112,10 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
     return results
 
 
-def _load_teachers(checkpoints: list[str], device):
-    from hpckd.teachers import TeacherSet
+def _load_teachers(checkpoints: list[str], device, serving):
+    from hpckd.teachers import ServingConfig, TeacherSet
 
-    return TeacherSet.from_checkpoints(checkpoints, device)
+    return TeacherSet.from_checkpoints(checkpoints, device, ServingConfig(**to_container(serving)))
 
 
 def _loss_cfg(cfg, mode: str):
@@ -135,7 +135,10 @@ def train_one_epoch(model: nn.Module, loader, teachers, loss_fn, optimizer, sche
     for batch in bar:
         teacher_logits = teachers(batch) if teachers is not None else []
         student_logits = model(batch.views[STUDENT])
-        terms = loss_fn(student_logits, teacher_logits, batch)
+        try:
+            terms = loss_fn(student_logits, teacher_logits, batch)
+        except NonFiniteError as exc:
+            raise TrainingDiverged(f"epoch {epoch}, step {step + batches}: {exc}; the last checkpoint was kept") from None
         loss = terms["loss"]
         if not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step + batches}; "
@@ -155,15 +158,15 @@ def train_one_epoch(model: nn.Module, loader, teachers, loss_fn, optimizer, sche
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, teachers, num_classes: int, info: dist.DistInfo) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, teachers, num_classes: int, metrics_cfg) -> dict[str, float]:
     """Exact metrics over the whole split: sufficient statistics are all-reduced across ranks."""
     model.eval()
-    evaluator = Evaluator(num_classes)
+    evaluator = Evaluator(num_classes, evaluator_options(metrics_cfg))
     for batch in loader:
         logits = model(batch.views[STUDENT])
         teacher = None
         if teachers is not None:
-            teacher = ensemble_logprobs(teachers(batch), mode="mean_probs")
+            teacher = ensemble_logprobs(teachers(batch), mode=metrics_cfg.ensemble)
         evaluator.update(logits, batch.labels, teacher_logits=teacher, valid=batch.valid)
     return evaluator.compute()
 

@@ -1,0 +1,252 @@
+"""Inline teacher serving: frozen teachers turn a :class:`~hpckd.data.batch.Batch` into ``list[Tensor]`` logits.
+
+Teacher k sees ``batch.view(f"teacher{k}")`` (its own augmented view when the trial gives it one, else the
+student's). Teachers are frozen in every study, so each one is put in eval mode, has ``requires_grad_(False)`` and
+runs under ``torch.inference_mode()``: no autograd graph, and BatchNorm uses (never updates) its running
+statistics. On CUDA the forward runs under bf16 autocast with channels_last inputs (optionally ``torch.compile``d);
+logits always come back as fp32 tensors that are safe to use in the student's autograd graph.
+
+``teacher_parallel`` shards the teachers of an ensemble across DDP ranks (see :mod:`hpckd.teachers.shard`) so that
+large ensembles fit in memory; it returns exactly what plain mode returns. It is a collective: every rank must call
+the TeacherSet the same number of times with batches carrying the same view names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hpckd.data.batch import STUDENT, Batch
+from hpckd.errors import CheckpointError, ConfigError
+from hpckd.models import apply_state_dict, create
+from hpckd.teachers import shard
+from hpckd.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class ServingConfig:
+    """How teachers run. Meant to sit in the experiment config (e.g. as ``serving``)."""
+
+    teacher_parallel: bool = False  # shard teachers across DDP ranks (k on rank k % world)
+    exchange: str = "all_to_all"  # all_to_all | all_gather: how logits return to the samples' ranks
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, where teachers run in fp32)
+    channels_last: bool = True  # channels_last inputs and weights on CUDA
+    compile: bool = False  # torch.compile each teacher
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" checks the wiring without code generation)
+
+    def __post_init__(self) -> None:
+        if self.exchange not in shard.EXCHANGES:
+            raise ConfigError(f"config: 'exchange' is {self.exchange!r}; choose one of {', '.join(shard.EXCHANGES)}")
+
+
+@dataclass
+class Teacher:
+    """One ensemble member. ``model`` is None on ranks that do not run it (teacher_parallel)."""
+
+    index: int
+    arch: str
+    num_classes: int
+    source: str = "<memory>"
+    meta: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
+
+    @property
+    def role(self) -> str:
+        """The view name this teacher reads from a batch."""
+        return f"teacher{self.index}"
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: a teacher never trains and never updates BatchNorm statistics."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def arch_kwargs(state: dict[str, Any]) -> dict[str, Any]:
+    """Builder keywords of a checkpoint's architecture (e.g. ``norm="ln"``): ``arch_kwargs``, else
+    ``config.model.kwargs``, else none."""
+    if isinstance(state.get("arch_kwargs"), dict):
+        return dict(state["arch_kwargs"])
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    return dict(model_cfg.get("kwargs") or {}) if isinstance(model_cfg, dict) else {}
+
+
+class TeacherSet:
+    """Frozen teachers serving fp32 logits for a batch, inline on each rank or sharded across ranks."""
+
+    def __init__(
+        self,
+        teachers: Sequence[Teacher],
+        device: torch.device | str,
+        config: ServingConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not teachers:
+            raise ConfigError("a TeacherSet needs at least one teacher")
+        if [t.index for t in teachers] != list(range(len(teachers))):
+            raise ValueError("teachers must be given in index order 0, 1, ... (index k reads view 'teacher{k}')")
+        self.config = config or ServingConfig()
+        self.device = torch.device(device)
+        self.group = group
+        self.teachers = list(teachers)
+        self.num_classes = _common_classes(self.teachers)
+        self.parallel, rank, world = _placement(self.config, group)
+        self.owned = shard.owned(rank, world, len(self.teachers))
+        self._runners: dict[int, nn.Module] = {}
+        for t in self.teachers:
+            if t.index in self.owned:
+                if t.model is None:
+                    raise ValueError(f"teacher {t.index} is run by this rank but has no model")
+                self._runners[t.index] = self._prepare(t.model)
+            else:
+                t.model = None  # not ours: drop it so only 1/world of the ensemble stays in memory
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_models(
+        cls,
+        models: Sequence[nn.Module],
+        device: torch.device | str,
+        config: ServingConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> TeacherSet:
+        """Serve in-memory models (every rank passes all of them; teacher_parallel keeps only its share)."""
+        teachers = [
+            Teacher(k, getattr(m, "hpckd_arch", type(m).__name__), _out_features(m), model=m)
+            for k, m in enumerate(models)
+        ]
+        return cls(teachers, device, config, group)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        device: torch.device | str,
+        config: ServingConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> TeacherSet:
+        """Load teachers written by ``hpckd train``: the arch and class count come from each checkpoint.
+
+        Every rank reads every file (so a bad file fails on all ranks alike instead of hanging a collective), but
+        under teacher_parallel only builds the teachers it runs.
+        """
+        _, rank, world = _placement(config or ServingConfig(), group)
+        mine = set(shard.owned(rank, world, len(paths)))
+        teachers = [_load_teacher(k, path, build=k in mine) for k, path in enumerate(paths)]
+        return cls(teachers, device, config, group)
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        model = freeze(model).to(self.device)
+        if self._on_cuda and self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return torch.compile(model, backend=self.config.compile_backend) if self.config.compile else model
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    @property
+    def metas(self) -> list[dict[str, Any]]:
+        """Each teacher's checkpoint ``meta`` (augmentation policy, dataset fingerprint, val accuracy, ...)."""
+        return [t.meta for t in self.teachers]
+
+    @property
+    def _on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """One clear error when the teachers were trained for another class count than the data has."""
+        for t in self.teachers:
+            if t.num_classes != num_classes:
+                raise ConfigError(
+                    f"teacher {t.index} ({t.source}, {t.arch}) predicts {t.num_classes} classes but the dataset has "
+                    f"{num_classes}: use teachers trained on this dataset"
+                )
+
+    # ------------------------------------------------------------------ serving
+    def __call__(self, batch: Batch) -> list[torch.Tensor]:
+        """fp32 logits (n_local, C), one tensor per teacher, for this rank's samples."""
+        if self.parallel:
+            return self._serve_parallel(batch)
+        return [self._forward(t.index, self._view(batch, t)) for t in self.teachers]
+
+    def _view(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        return batch.view(teacher.role).to(self.device, non_blocking=True)
+
+    def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        runner = self._runners[index]
+        original = self.teachers[index].model
+        if original is not None and original.training:
+            original.eval()  # someone called .train() on it: teachers always run in eval mode
+        with torch.inference_mode():
+            if self._on_cuda and self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = runner(x)
+            logits = logits.float()
+        # A clone made outside inference mode is an ordinary tensor, usable inside the student's autograd graph.
+        return logits.clone()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._on_cuda and self.config.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _serve_parallel(self, batch: Batch) -> list[torch.Tensor]:
+        sizes = shard.gather_sizes(batch.size, self.device, self.group)
+        chunks_by_role = self._gather_views(batch, sizes)
+        outputs = {
+            k: [self._forward(k, chunk) for chunk in chunks_by_role[self._role_key(batch, self.teachers[k])]]
+            for k in self.owned
+        }
+        exchange = shard.exchange_all_to_all if self.config.exchange == "all_to_all" else shard.exchange_all_gather
+        return exchange(outputs, sizes, len(self.teachers), self.num_classes, self.device, self.group)
+
+    def _role_key(self, batch: Batch, teacher: Teacher) -> str:
+        return teacher.role if teacher.role in batch.views else STUDENT
+
+    def _gather_views(self, batch: Batch, sizes: list[int]) -> dict[str, list[torch.Tensor]]:
+        # Each distinct view is gathered once, in teacher order, so every rank issues the same collectives.
+        keys = list(dict.fromkeys(self._role_key(batch, t) for t in self.teachers))
+        return {key: shard.gather_chunks(batch.views[key].to(self.device), sizes, self.group) for key in keys}
+
+
+def _placement(config: ServingConfig, group: dist.ProcessGroup | None) -> tuple[bool, int, int]:
+    """(sharded?, rank, world): teacher_parallel needs an initialised process group of more than one rank;
+    otherwise every rank runs every teacher."""
+    if not (config.teacher_parallel and dist.is_available() and dist.is_initialized()):
+        return False, 0, 1
+    world = dist.get_world_size(group)
+    return (world > 1), (dist.get_rank(group) if world > 1 else 0), world
+
+
+def _load_teacher(index: int, path: str | os.PathLike, build: bool) -> Teacher:
+    state = load_checkpoint(path)
+    teacher = Teacher(index, str(state["arch"]), int(state["num_classes"]), str(path), dict(state.get("meta") or {}))
+    if build:
+        model = create(teacher.arch, teacher.num_classes, **arch_kwargs(state))
+        apply_state_dict(model, state["model"], f"teacher {index} checkpoint {path}")
+        teacher.model = model
+    return teacher
+
+
+def _out_features(model: nn.Module) -> int:
+    from hpckd.models import linear_head
+
+    return linear_head(model)[1].out_features
+
+
+def _common_classes(teachers: Sequence[Teacher]) -> int:
+    classes = {t.num_classes for t in teachers}
+    if len(classes) != 1:
+        listed = ", ".join(f"teacher {t.index}: {t.num_classes}" for t in teachers)
+        raise CheckpointError(f"teachers of one ensemble must predict the same classes ({listed})")
+    return classes.pop()

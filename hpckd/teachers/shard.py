@@ -1,0 +1,110 @@
+"""Collectives of ``teacher_parallel`` serving: who owns which teacher, gathering views, returning logits.
+
+With W ranks and T teachers, teacher k lives on rank ``k % W`` only, so an ensemble needs 1/W of the memory per
+rank. Each step:
+
+1. every rank learns every rank's batch size (:func:`gather_sizes`; the last batch may be uneven),
+2. each view the teachers look at is all-gathered (:func:`gather_chunks`), kept as one chunk per source rank,
+3. each rank runs its teachers on every chunk (in :mod:`hpckd.teachers.serving`),
+4. logits go back to the rank that owns the samples (:func:`exchange_all_to_all`, or :func:`exchange_all_gather`).
+
+Step 3 runs one forward per source chunk, with exactly the shape plain mode uses on that source rank, so both modes
+execute the same kernels on the same inputs and agree bit for bit; the exchange only moves bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+EXCHANGES: tuple[str, ...] = ("all_to_all", "all_gather")
+
+
+def owner(teacher: int, world_size: int) -> int:
+    """The rank that runs ``teacher`` (round robin)."""
+    return teacher % world_size
+
+
+def owned(rank: int, world_size: int, num_teachers: int) -> list[int]:
+    """Teacher indices run by ``rank``, ascending."""
+    return [k for k in range(num_teachers) if owner(k, world_size) == rank]
+
+
+def gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Every rank's local batch size."""
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [int(t.item()) for t in out]
+
+
+def gather_chunks(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """All ranks' ``x`` (padded to the largest batch for the collective), one chunk per source rank."""
+    longest = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    buffers = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(buffers, x, group=group)
+    return [buf[:n] for buf, n in zip(buffers, sizes)]
+
+
+def exchange_all_to_all(
+    outputs: dict[int, list[torch.Tensor]],
+    sizes: Sequence[int],
+    num_teachers: int,
+    num_classes: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> list[torch.Tensor]:
+    """Send each rank the rows of its own samples; return all teachers' (n_local, C) fp32 logits.
+
+    ``outputs[k][j]`` is teacher k's (sizes[j], C) logits for rank j's chunk, for the teachers this rank owns.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = owned(rank, world, num_teachers)
+    send_parts = [outputs[k][j].reshape(-1) for j in range(world) for k in mine]
+    send = torch.cat(send_parts) if send_parts else torch.empty(0, device=device)
+    send_splits = [sizes[j] * len(mine) * num_classes for j in range(world)]
+    recv_splits = [sizes[rank] * len(owned(i, world, num_teachers)) * num_classes for i in range(world)]
+    recv = torch.empty(sum(recv_splits), dtype=torch.float32, device=device)
+    dist.all_to_all_single(recv, send.float(), recv_splits, send_splits, group=group)
+    return _unpack(recv, sizes[rank], world, num_teachers, num_classes)
+
+
+def _unpack(flat: torch.Tensor, n: int, world: int, num_teachers: int, num_classes: int) -> list[torch.Tensor]:
+    result: list[torch.Tensor | None] = [None] * num_teachers
+    offset = 0
+    for source in range(world):
+        for k in owned(source, world, num_teachers):
+            result[k] = flat[offset : offset + n * num_classes].view(n, num_classes)
+            offset += n * num_classes
+    return result  # type: ignore[return-value]
+
+
+def exchange_all_gather(
+    outputs: dict[int, list[torch.Tensor]],
+    sizes: Sequence[int],
+    num_teachers: int,
+    num_classes: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> list[torch.Tensor]:
+    """Like :func:`exchange_all_to_all`, but every rank receives every teacher's logits for the whole global batch
+    and keeps its own rows: W times the traffic, for backends or debugging where all-to-all is unavailable."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    slots = max(len(owned(i, world, num_teachers)) for i in range(world))
+    total = sum(sizes)
+    block = torch.zeros(slots, total, num_classes, dtype=torch.float32, device=device)
+    for slot, k in enumerate(owned(rank, world, num_teachers)):
+        block[slot] = torch.cat(outputs[k])
+    buffers = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(buffers, block, group=group)
+    start = sum(sizes[:rank])
+    result: list[torch.Tensor] = [torch.empty(0)] * num_teachers
+    for source in range(world):
+        for slot, k in enumerate(owned(source, world, num_teachers)):
+            result[k] = buffers[source][slot, start : start + sizes[rank]]
+    return result
