@@ -22,13 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hpckd import dist
-from hpckd.config import evaluator_options, to_container
+from hpckd.config import to_container
 from hpckd.data.batch import STUDENT, Batch
 from hpckd.data.loaders import build_loaders
 from hpckd.errors import ConfigError, UserError
 from hpckd.io import atomic_write_json
 from hpckd.losses import NonFiniteError, build_loss
-from hpckd.metrics import Evaluator, ensemble_logprobs
+from hpckd.metrics.runner import evaluate
 from hpckd.models import create
 from hpckd.train.checkpoint import save_checkpoint
 from hpckd.train.optim import build_optimizer, build_scheduler
@@ -155,20 +155,6 @@ def train_one_epoch(model: nn.Module, loader, teachers, loss_fn, optimizer, sche
                         **{k: float(v.detach()) for k, v in terms.items()}})
     # One host sync per epoch, not per step.
     return {f"train_{k}": float(v) / max(batches, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, teachers, num_classes: int, metrics_cfg) -> dict[str, float]:
-    """Exact metrics over the whole split: sufficient statistics are all-reduced across ranks."""
-    model.eval()
-    evaluator = Evaluator(num_classes, evaluator_options(metrics_cfg))
-    for batch in loader:
-        logits = model(batch.views[STUDENT])
-        teacher = None
-        if teachers is not None:
-            teacher = ensemble_logprobs(teachers(batch), mode=metrics_cfg.ensemble)
-        evaluator.update(logits, batch.labels, teacher_logits=teacher, valid=batch.valid)
-    return evaluator.compute()
 
 
 def _progress(loader, desc: str, info: dist.DistInfo):
