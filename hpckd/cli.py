@@ -33,9 +33,9 @@ def _relaunch_if_needed(cfg, argv: Sequence[str]) -> int | None:
     if n <= 1 or detect_launcher() != "single":
         return None
     # Validate what can be validated here, so user errors stay one line instead of N child tracebacks.
-    from hpckd.data.index import build_index
+    from hpckd.data.datasets import check_dataset
 
-    build_index(os.path.join(cfg.data.root, "train"), cfg.data.on_bad_image)
+    check_dataset(cfg.data)  # also writes the file-index cache the ranks then reuse
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "hpckd", *argv]
     return subprocess.call(cmd)
 
@@ -61,6 +61,20 @@ def _cmd_run(mode: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hpckd import dist
+    from hpckd.metrics.runner import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, split=args.split, augmented=args.augmented, overrides=args.overrides)
+    if dist.info().is_main:
+        for key, metrics in results.items():
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "top1_agreement", "predictive_kl")
+                              if k in metrics)
+            print(f"eval {key}: {shown} (n={int(metrics['count'])})")
+    dist.shutdown()
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from hpckd.data.synth import SynthSpec, parse_size, write_imagefolder
 
@@ -68,6 +82,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     counts = write_imagefolder(args.out, SynthSpec(classes=args.classes, per_class=args.per_class,
                                                    val_per_class=args.val_per_class, height=h, width=w, seed=args.seed))
     print(f"wrote {counts['train']} train and {counts['val']} val JPEGs ({args.classes} classes, {h}x{w}) to {args.out}")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from hpckd.data.index import build_index
+    from hpckd.data.wds import write_shards
+
+    index = build_index(args.src, args.on_bad_image, cache=None)
+    manifest = write_shards(index, args.out, max_count=args.max_count, seed=args.seed)
+    print(f"wrote {manifest['count']} samples ({len(index.classes)} classes) in {len(manifest['shards'])} shard(s) "
+          f"to {args.out}; skipped {len(index.skipped)} bad file(s)")
     return 0
 
 
@@ -114,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_run("distill"))
 
+    p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--augmented", action="store_true", help="the split under the run's training policy (Affinity's D'_val)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, e.g. data.root=/data/x")
+    p.set_defaults(func=_cmd_eval)
+
     p = sub.add_parser("demo", help="generate data, train 2 teachers (weak/strong), distill students per trial, print a table")
     p.add_argument("--out", default="runs/demo", help="work folder (data, runs, results)")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"], help="where stage jobs run")
@@ -130,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="32x32", help="HxW, e.g. 32x32 or 375x500")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+    s = data_sub.add_parser("shard", help="write WebDataset tar shards (image, int32 label, int64 id) from an ImageFolder split")
+    s.add_argument("--src", required=True, help="ImageFolder split, e.g. data/imagenet/train")
+    s.add_argument("--out", required=True, help="output folder for shard-*.tar and wds.json")
+    s.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample order inside the shards")
+    s.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
+    s.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("models", help="list registered models with parameters and MACs")
     p.add_argument("names", nargs="*")
@@ -146,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`hpckd eval ckpt --augmented data.root=x`), which plain argparse rejects.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     args.argv = argv
     try:
         return int(args.func(args) or 0)

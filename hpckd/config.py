@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from hpckd.errors import ConfigError
 from hpckd.losses.config import LossConfig
 from hpckd.metrics.evaluator import EvaluatorOptions
+from hpckd.teachers.ensemble import REDUCTIONS
 from hpckd.teachers.serving import ServingConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -38,6 +39,14 @@ class DataConfig:
     on_bad_image: str = "error"  # error | skip
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # --- added with the data issue (see hpckd/data/datasets.py) ---
+    format: str = "folder"  # folder | cifar10 | cifar100 | wds (shards written by `hpckd data shard`)
+    train_list: Optional[str] = None  # folder: list file of `relative/path label` lines for train (ImageNet-LT)
+    val_list: Optional[str] = None  # folder: list / label file for val (e.g. ImageNet val labels, ImageNet-LT)
+    imbalance: float = 1.0  # >1: long-tailed train subset n_c = n_max * imb^(-c/(C-1)) (CIFAR-100-LT: 100)
+    lt_seed: int = 0  # which images a long-tailed class keeps (fixed subset, independent of the run's seed)
+    index_cache: str = "auto"  # auto (next to the data, else ~/.cache/hpckd) | off | a folder
+    cifar_crop: str = "pad"  # cifar policies' random crop: pad (pad 4, crop) | rrc (RandomResizedCrop 0.2-1)
 
 
 @dataclass
@@ -66,20 +75,43 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
     warmup_epochs: int = 0
+    # --- added with the distributed-training issue (see hpckd/train/optim.py for the formulas) ---
+    min_lr: float = 0.0  # cosine floor (eta_min); scaled like lr
+    step_factors: list[float] = field(default_factory=list)  # multistep: explicit LR factor after each milestone
+    wd_exclude_norm_bias: bool = False  # no weight decay on norm weights/biases and on every bias
+    lr_reference_batch: int = 0  # >0: lr (and min_lr) are for this global batch, scaled linearly to data.batch_size
+    accum_steps: int = 1  # gradient accumulation: data.batch_size is split into this many micro-batches per step
+    clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
 
 
 @dataclass
 class DistConfig:
-    backend: str = "ddp"  # ddp (deepspeed arrives with the distributed-training issue)
+    backend: str = "ddp"  # ddp | deepspeed
     nproc_per_node: int = 1  # >1 re-launches the command under torchrun when not already distributed
     device: str = "auto"  # auto | cpu | cuda
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0, 1 or 2
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (GPU only)
+
+
+@dataclass
+class TrainConfig:
+    """How the loop runs: precision, memory layout, compilation, checkpoints, preemption, logging."""
+
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = at epoch ends only
+    keep_last: int = 2  # full-state checkpoints kept in out_dir/checkpoints
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
+    preempt_signals: list[str] = field(default_factory=lambda: ["USR2", "TERM"])  # checkpoint at the next step, then stop
+    requeue: bool = True  # after a SIGUSR2 checkpoint inside a SLURM job: `scontrol requeue` it
 
 
 @dataclass
 class MetricsConfig(EvaluatorOptions):
     """Evaluation options (see :class:`hpckd.metrics.evaluator.EvaluatorOptions`) plus how "the teacher" is formed."""
 
-    ensemble: str = "mean_probs"  # mean_probs (fidelity study: log of the mean softmax) | mean_logits
+    ensemble: str = "mean_probs"  # mean_probs | mean_logits; why mean_probs: see hpckd.teachers.ensemble
 
 
 @dataclass
@@ -97,6 +129,8 @@ class Experiment:
     serving: ServingConfig = field(default_factory=ServingConfig)  # how teachers run (inline / teacher_parallel)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_every: int = 20  # steps between JSON-lines log records
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: str = "auto"  # auto (latest valid checkpoint in out_dir, if any) | never | path of a checkpoint
 
 
 # Fields whose value must be one of a fixed set; checked after merging.
@@ -104,19 +138,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.family": ("imagenet", "cifar"),
     "data.loader": ("dali", "torch"),
     "data.on_bad_image": ("error", "skip"),
-    "aug": ("none", "weak", "strong"),
+    "data.format": ("folder", "cifar10", "cifar100", "wds"),
+    "data.cifar_crop": ("pad", "rrc"),
+    "aug": ("none", "weak", "strong", "identity", "flip", "flip_crop", "cutout", "autoaugment", "randaugment",
+            "mixup", "cutmix", "cutmix_pick"),  # strengths, then the augmentation study's DA schemes (data/aug.py)
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "multistep", "constant"),
-    "dist.backend": ("ddp",),
+    "dist.backend": ("ddp", "deepspeed"),
+    "train.precision": ("fp32", "bf16", "fp16"),
     "dist.device": ("auto", "cpu", "cuda"),
-    "metrics.ensemble": ("mean_probs", "mean_logits"),
+    "metrics.ensemble": REDUCTIONS,
 }
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type = Experiment) -> DictConfig:
-    """Merge the schema defaults, a YAML file and dotted ``key=value`` overrides; validate everything."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type = Experiment,
+                base: dict | None = None) -> DictConfig:
+    """Merge the schema defaults, ``base`` (e.g. a checkpoint's config), a YAML file and dotted ``key=value``
+    overrides, in that order; validate everything."""
     cfg = OmegaConf.structured(schema)
     sources: list[tuple[str, Any]] = []
+    if base is not None:
+        sources.append(("checkpoint config", OmegaConf.create(base)))
     if path is not None:
         sources.append((str(path), _read_yaml(Path(path))))
     if overrides:
@@ -184,6 +226,10 @@ def check_choices(cfg: DictConfig) -> None:
         if value is not None and value not in allowed:
             raise ConfigError(f"config: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
     # Sub-packages check their own sections.
+    if "train" in cfg:
+        from hpckd.train.options import check_options  # lazy: hpckd.train imports this module
+
+        check_options(cfg)
     LossConfig(**OmegaConf.to_container(cfg.loss)).validated()
     try:
         ServingConfig(**OmegaConf.to_container(cfg.serving))

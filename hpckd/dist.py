@@ -103,7 +103,26 @@ def _first_slurm_host() -> str | None:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        return first_host(nodelist)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list without asking scontrol: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
+    out, depth, picking = [], 0, True
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break  # end of the first host expression
+        if ch == "[":
+            depth, picking = 1, True
+            continue
+        if ch == "]":
+            depth = 0
+            continue
+        if depth and (ch in ",-"):
+            picking = False  # only the first number of the first range
+        if not depth or picking:
+            out.append(ch)
+    return "".join(out)
 
 
 def _port_from_job(job_id: str) -> int:
@@ -131,10 +150,23 @@ def select_device(local_rank: int, want: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("dist.device=cuda but no CUDA device is visible")
-    # One GPU bound per task by SLURM: that GPU is cuda:0 whatever the local rank.
-    index = 0 if torch.cuda.device_count() == 1 else local_rank
+    index = cuda_index(local_rank, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def cuda_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of a process: ``cuda:local_rank``, except when SLURM (``--gpus-per-task=1``, or
+    ``CUDA_VISIBLE_DEVICES`` per task) lets each task see exactly one GPU: that GPU is ``cuda:0`` whatever the
+    local rank."""
+    if visible_devices < 1:
+        raise UserError("no CUDA device is visible to this process")
+    if visible_devices == 1:
+        return 0
+    if local_rank >= visible_devices:
+        raise UserError(f"local rank {local_rank} but only {visible_devices} CUDA devices are visible; "
+                        f"start at most {visible_devices} processes per node")
+    return local_rank
 
 
 def init(device: str = "auto", timeout_s: int = 600) -> DistInfo:
@@ -158,11 +190,54 @@ def init(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     return _INFO
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when none exists (DeepSpeed needs torch.distributed even for a single process)."""
+    if dist.is_initialized():
+        return
+    port = int(os.environ.get("MASTER_PORT") or _free_port())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+_CONTROL_GROUP = None
+
+
+def control_group():
+    """A CPU (gloo) process group for small host-side agreements, such as "has any rank been asked to stop?";
+    the default group when it already is gloo. Created once, by every rank; None when not distributed."""
+    global _CONTROL_GROUP
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def max_across_ranks(values: list[int]) -> list[int]:
+    """Element-wise maximum of small integers over all ranks (one tiny gloo all-reduce; no device sync)."""
+    group = control_group()
+    if group is None:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
 def shutdown() -> None:
-    global _INFO
+    global _INFO, _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _INFO = DistInfo()
+    _CONTROL_GROUP = None
 
 
 def barrier() -> None:

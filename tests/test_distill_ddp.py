@@ -25,13 +25,19 @@ def teacher_ckpts(synth_root, tmp_path_factory):
     return paths
 
 
-def test_two_process_ddp_distillation_beats_chance(synth_root, teacher_ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def student_out(synth_root, teacher_ckpts, tmp_path_factory):
     teachers = ",".join(f"{{checkpoint: {p}}}" for p in teacher_ckpts)
-    out = tmp_path / "student"
+    out = tmp_path_factory.mktemp("student")
     proc = run_hpckd("distill", f"data.root={synth_root}", f"out_dir={out}", f"teachers=[{teachers}]",
                      "dist.nproc_per_node=2", "model.arch=resnet8", "optim.epochs=5", "data.batch_size=16",
                      "data.eval_batch_size=12", "data.num_workers=1", "loss.name=ensemble_kd", "loss.tau=4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_two_process_ddp_distillation_beats_chance(student_out):
+    out = student_out
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["launcher"] == "torchrun"
     assert results["config"]["data"]["loader"] == "dali"
@@ -45,3 +51,17 @@ def test_two_process_ddp_distillation_beats_chance(synth_root, teacher_ckpts, tm
         assert results["timings"][key] > 0
     assert results["versions"]["torch"] and len(results["data"]["train_fingerprint"]) == 16
     assert not list(out.glob(".*.tmp")), "no temp files left behind"
+
+
+def test_eval_reproduces_training_metrics_and_stores_affinity(student_out):
+    results = json.loads((student_out / "results.json").read_text())
+    proc = run_hpckd("eval", str(student_out / "last.pt"))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_hpckd("eval", str(student_out / "last.pt"), "--augmented", "data.num_workers=1")
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((student_out / "results.json").read_text())["eval"]
+    # Same weights, same clean val set, one process instead of two: the exact same metrics as training's last eval.
+    for key in ("accuracy", "nll", "top1_agreement", "predictive_kl", "count"):
+        assert stored["val"][key] == pytest.approx(results["metrics"][key], abs=1e-12), key
+    assert stored["val_augmented"]["count"] == VAL_SAMPLES
+    assert stored["val_affinity"] == pytest.approx(stored["val_augmented"]["accuracy"] / stored["val"]["accuracy"])

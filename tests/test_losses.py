@@ -12,33 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
 from hpckd.losses import LossConfig, NonFiniteError, available, build_loss, check_loss_finite
 from tests import test_losses_ref as ref
-from tests.test_losses_ref import one_torch_thread  # noqa: F401  (autouse fixture)
-
-
-def make_batch(labels, valid=None, epoch: int = 3, index=None) -> Batch:
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = labels.numel()
-    return Batch(
-        views={"student": torch.zeros(n, 3, 2, 2)},
-        labels=labels,
-        index=torch.arange(100, 100 + n) if index is None else torch.as_tensor(index),
-        epoch=epoch,
-        valid=None if valid is None else torch.as_tensor(valid, dtype=torch.bool),
-    )
-
-
-def rand_logits(n: int, c: int, seed: int, scale: float = 2.0, dtype=torch.float64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, c, generator=g) * scale).to(dtype)
-
-
-def np_(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
-
+from tests.test_losses_ref import (
+    make_batch,
+    np_,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    rand_logits,
+)
 
 # ---------------------------------------------------------------- registry and config
 
@@ -85,7 +67,7 @@ def test_alpha_is_the_hard_label_weight():
         ("tau", 0.0, "> 0"),
         ("kd_form", "mse", "cross_entropy, kl"),
         ("pick_ratio", 0.0, "pick_ratio"),
-        ("ensemble", "vote", "mean_loss"),
+        ("ensemble", "vote", "per_teacher_loss, mean_probs, mean_logits"),
         ("kd_weight", -1.0, ">= 0"),
     ],
 )
@@ -211,17 +193,17 @@ def test_large_tau_gradient_approaches_logit_difference_over_classes():
     assert np.abs(grad1.numpy() - expected).max() > 100 * tol
 
 
-def test_mean_prob_ensemble_is_fidelity_study_ensemble():
+def test_mean_probs_ensemble_is_fidelity_study_ensemble():
     s, t0, t1 = rand_logits(3, 5, 70), rand_logits(3, 5, 71), rand_logits(3, 5, 72)
-    out = build_loss(LossConfig(name="pure_kd", tau=4.0, ensemble="mean_prob"))(s, [t0, t1], make_batch([0, 1, 2]))
+    out = build_loss(LossConfig(name="pure_kd", tau=4.0, ensemble="mean_probs"))(s, [t0, t1], make_batch([0, 1, 2]))
     ens_logits = np.log((ref.softmax(np_(t0)) + ref.softmax(np_(t1))) / 2)  # log of the mean softmax
     assert out["loss"].item() == pytest.approx(ref.kd_ce(np_(s), ens_logits, 4.0).mean(), rel=1e-10)
     assert "kd0" not in out
 
 
-def test_mean_logit_ensemble():
+def test_mean_logits_ensemble():
     s, t0, t1 = rand_logits(3, 5, 73), rand_logits(3, 5, 74), rand_logits(3, 5, 75)
-    cfg = LossConfig(name="kd", alpha=0.0, tau=2.0, ensemble="mean_logit")
+    cfg = LossConfig(name="kd", alpha=0.0, tau=2.0, ensemble="mean_logits")
     out = build_loss(cfg)(s, [t0, t1], make_batch([0, 1, 2]))
     assert out["kd"].item() == pytest.approx(ref.kd_ce(np_(s), (np_(t0) + np_(t1)) / 2, 2.0).mean(), rel=1e-10)
 
@@ -267,7 +249,7 @@ def test_standardized_kd_invariant_to_shift_and_scale():
     "cfg",
     [
         LossConfig(name="ensemble_kd", tau=3.0, ce_weight=0.4, kd_weight=0.6),
-        LossConfig(name="ensemble_kd", tau=3.0, kd_form="kl", ensemble="mean_prob"),
+        LossConfig(name="ensemble_kd", tau=3.0, kd_form="kl", ensemble="mean_probs"),
         LossConfig(name="pure_kd", tau=2.0),
         LossConfig(name="standardized_kd", tau=2.0, kd_form="kl"),
         LossConfig(name="ce", label_smoothing=0.1),

@@ -11,16 +11,11 @@ from hpckd.errors import ConfigError
 from hpckd.losses import LossConfig, build_loss
 from hpckd.losses.cutmixpick import n_keep, needs_student, pick_indices, pick_scores, select
 from tests import test_losses_ref as ref
-from tests.test_losses_ref import one_torch_thread  # noqa: F401  (autouse fixture)
-
-
-def rand_logits(n: int, c: int, seed: int, scale: float = 2.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, c, generator=g) * scale).double()
-
-
-def np_(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
+from tests.test_losses_ref import (
+    np_,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    rand_logits,
+)
 
 
 def doubled_batch(labels, doubled, valid=None) -> Batch:

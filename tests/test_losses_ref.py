@@ -1,7 +1,7 @@
 """Independent numpy references for the loss tests (written from the papers' formulas, not from hpckd code).
 
-Imported by the other ``test_losses*`` files; the tests here pin the references themselves to values
-worked out by hand.
+Imported by the other ``test_losses*`` files, with the inputs they share (:func:`rand_logits`, :func:`make_batch`);
+the tests here pin the references themselves to values worked out by hand.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from hpckd.data.batch import Batch
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -20,6 +22,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def rand_logits(n: int, c: int, seed: int, scale: float = 2.0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, generator=g) * scale).to(dtype)
+
+
+def np_(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def make_batch(labels, valid=None, epoch: int = 3, index=None) -> Batch:
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.numel()
+    return Batch(
+        views={"student": torch.zeros(n, 3, 2, 2)},
+        labels=labels,
+        index=torch.arange(100, 100 + n) if index is None else torch.as_tensor(index),
+        epoch=epoch,
+        valid=None if valid is None else torch.as_tensor(valid, dtype=torch.bool),
+    )
 
 
 def softmax(z, tau: float = 1.0) -> np.ndarray:

@@ -3,33 +3,24 @@ consistent knowledge mining, and the recipes (alpha convention, two-stage schedu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
 from hpckd.losses import LossConfig, build_loss
 from hpckd.losses import targets as T
 from hpckd.losses.recipes import efficient_distillation_stages, recipe, stage_at
 from tests import test_losses_ref as ref
-from tests.test_losses_ref import one_torch_thread  # noqa: F401  (autouse fixture)
-
-
-def rand_logits(n: int, c: int, seed: int, scale: float = 2.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, c, generator=g) * scale).double()
-
-
-def np_(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
-
-
-def make_batch(labels) -> Batch:
-    labels = torch.as_tensor(labels)
-    return Batch(views={"student": torch.zeros(len(labels), 3, 2, 2)}, labels=labels, index=torch.arange(len(labels)))
+from tests.test_losses_ref import (
+    make_batch,
+    np_,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    rand_logits,
+)
 
 
 def logits_of(probs) -> torch.Tensor:
@@ -39,35 +30,40 @@ def logits_of(probs) -> torch.Tensor:
 # ---------------------------------------------------------------- targets, Eqs. 1-5, by the printed formulas
 
 
+def np_rescaled(p_rest, p_label, labels):
+    """y_k = p_label_k; y_i = p_rest_i (1 - p_label_k) / (1 - p_rest_k) for i != k (the pattern of Eqs. 1-2)."""
+    out = p_rest.copy()
+    for n, k in enumerate(labels):
+        out[n] *= (1 - p_label[n, k]) / (1 - p_rest[n, k])
+        out[n, k] = p_label[n, k]
+    return out
+
+
 def np_partial(p_weak, p_strong, labels):
     """Eq. 1: y_i = y+_i (1 - y-_k) / (1 - y+_k), i != k; y_k = y-_k."""
-    out = p_strong.copy()
-    for n, k in enumerate(labels):
-        out[n] *= (1 - p_weak[n, k]) / (1 - p_strong[n, k])
-        out[n, k] = p_weak[n, k]
-    return out
+    return np_rescaled(p_strong, p_weak, labels)
 
 
 def np_confidence(p_weak, p_strong, labels):
     """Eq. 2: y_i = y-_i (1 - y+_k) / (1 - y-_k), i != k; y_k = y+_k."""
-    out = p_weak.copy()
-    for n, k in enumerate(labels):
-        out[n] *= (1 - p_strong[n, k]) / (1 - p_weak[n, k])
-        out[n, k] = p_strong[n, k]
-    return out
+    return np_rescaled(p_weak, p_strong, labels)
 
 
-def test_replacements_match_equations_1_and_2():
+@pytest.mark.parametrize(
+    "rule, expected, rtol",
+    [
+        ("partial", np_partial, 1e-10),
+        ("confidence", np_confidence, 1e-10),
+        ("full", lambda p_weak, p_strong, labels: p_strong, 1e-12),
+    ],
+)
+def test_replacements_match_equations_1_and_2(rule, expected, rtol):
     weak, strong = rand_logits(5, 6, 0), rand_logits(5, 6, 1)
     labels = torch.tensor([0, 5, 2, 2, 1])
     pw, ps = ref.softmax(np_(weak)), ref.softmax(np_(strong))
-    got_partial = T.partial_replacement(weak, strong, labels).numpy()
-    got_conf = T.confidence_replacement(weak, strong, labels).numpy()
-    assert np.allclose(got_partial, np_partial(pw, ps, labels.tolist()), rtol=1e-10)
-    assert np.allclose(got_conf, np_confidence(pw, ps, labels.tolist()), rtol=1e-10)
-    assert np.allclose(T.full_replacement(weak, strong, labels).numpy(), ps, rtol=1e-12)
-    for got in (got_partial, got_conf):
-        assert np.allclose(got.sum(axis=1), 1.0)
+    got = T.REPLACEMENTS[rule](weak, strong, labels).numpy()
+    assert np.allclose(got, expected(pw, ps, labels.tolist()), rtol=rtol)
+    assert np.allclose(got.sum(axis=1), 1.0)
 
 
 def test_label_smoothing_eq3_and_code_forms_by_hand():
@@ -111,14 +107,7 @@ def test_soft_target_kd_confidence_replacement_on_correct_subset():
     weak, strong, s = rand_logits(6, 5, 10), rand_logits(6, 5, 11), rand_logits(6, 5, 12)
     labels = weak.argmax(dim=1).clone()
     labels[[1, 4]] = (labels[[1, 4]] + 1) % 5  # the weak teacher is wrong on samples 1 and 4
-    cfg = LossConfig(
-        name="soft_target_kd",
-        tau=2.0,
-        ce_weight=0.0,
-        kd_weight=1.0,
-        target_replace="confidence",
-        target_subset="correct",
-    )
+    cfg = LossConfig(name="soft_target_kd", tau=2.0, alpha=0.0, target_replace="confidence", target_subset="correct")
     out = build_loss(cfg)(s, [weak, strong], make_batch(labels))
     pw, ps = ref.softmax(np_(weak), 2.0), ref.softmax(np_(strong), 2.0)
     target = pw.copy()
@@ -130,17 +119,10 @@ def test_soft_target_kd_confidence_replacement_on_correct_subset():
 
 
 def test_soft_target_kd_label_smoothing_on_reg_correct():
+    """The response_analysis recipe (tau 1, no CE, label smoothing on reg & correct samples), at t = 0.9."""
     teacher = logits_of([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
     student = logits_of([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3]])
-    cfg = LossConfig(
-        name="soft_target_kd",
-        tau=1.0,
-        ce_weight=0.0,
-        kd_weight=1.0,
-        target_manipulate="label_smoothing",
-        target_subset="reg_correct",
-        smoothing=0.9,
-    )
+    cfg = dataclasses.replace(recipe("response_analysis"), smoothing=0.9)
     out = build_loss(cfg)(student, [teacher], make_batch([0, 0]))
     target = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1]])  # sample 0 smoothed (Eq. 3), sample 1 unchanged
     assert out["kd"].item() == pytest.approx(ref.kd_probs(np_(student), target, 1.0).mean(), rel=1e-10)
@@ -191,17 +173,13 @@ def np_wsl_weight(s, t, labels, tau_s, tau_t, eps=0.0):
     return 1.0 - np.exp(-np.maximum(ce_s / (ce_t + eps), 0.0))
 
 
-@pytest.mark.parametrize("weight_tau", ["tau", "one"])
-def test_wsl_golden(weight_tau):
+@pytest.mark.parametrize("weight_tau, tau_s, tau_t, eps", [("tau", 2.0, 2.0, 0.0), ("one", 1.0, 1.0, 1e-7)])
+def test_wsl_golden(weight_tau, tau_s, tau_t, eps):
     s, t = rand_logits(5, 6, 20), rand_logits(5, 6, 21)
     labels = [0, 1, 2, 3, 4]
     cfg = LossConfig(name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1, wsl_weight_tau=weight_tau)
     out = build_loss(cfg)(s, [t], make_batch(labels))
-    w = (
-        np_wsl_weight(np_(s), np_(t), labels, 2.0, 2.0)
-        if weight_tau == "tau"
-        else np_wsl_weight(np_(s), np_(t), labels, 1.0, 1.0, 1e-7)
-    )
+    w = np_wsl_weight(np_(s), np_(t), labels, tau_s, tau_t, eps)
     kd = (w * ref.kd_ce(np_(s), np_(t), 2.0)).mean()
     ce = ref.ce(np_(s), labels, eps=0.1).mean()
     assert out["kd"].item() == pytest.approx(kd, rel=1e-10)
@@ -278,7 +256,7 @@ def test_recipes_translate_each_papers_alpha():
         "kd_da",
     )
     fid = recipe("fidelity_study")  # alpha = 0
-    assert (fid.name, fid.ce_weight, fid.kd_weight, fid.ensemble) == ("pure_kd", 0.0, 1.0, "mean_prob")
+    assert (fid.name, fid.ce_weight, fid.kd_weight, fid.ensemble) == ("pure_kd", 0.0, 1.0, "mean_probs")
     for name in ("attention_study", "augmentation_study", "fidelity_study", "efficient_stage1", "efficient_stage2"):
         assert build_loss(recipe(name)).name == recipe(name).name
     with pytest.raises(ConfigError, match="did you mean 'fidelity_study'"):

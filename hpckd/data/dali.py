@@ -1,38 +1,55 @@
-"""NVIDIA DALI loaders: sharded file reader, GPU ('mixed') or CPU decoding, the named policies, one output per view.
+"""NVIDIA DALI loaders: samples and their augmentation parameters fed by us, decoding and augmentation by DALI.
 
-One reader feeds one decode; each distinct view (student, and teachers given their own policy) branches off the
-decoded image and gets its own augmentation, so all views show the same samples. The reader's labels are the
-samples' global ids, which the loader maps to class labels on the device: the ``Batch.index`` comes for free.
+The loader decides the order (:mod:`hpckd.data.sharding`) and draws every random choice of every view up front
+(:mod:`hpckd.data.params`); one ``fn.external_source`` feeds, per batch, the encoded images (or raw pixels), their
+sample ids and those parameters. DALI decodes (``device='mixed'``: nvJPEG on the GPU; CPU otherwise) and applies
+each view's policy with the given parameters, on the GPU when there is one:
 
-Sharding: ``shard_id = rank``, ``num_shards = world size``. Training reads a global permutation (shuffled once
-by the seed, then ``shuffle_after_epoch`` with the same reader seed on every rank, so shards never overlap) and
-every rank takes the same number of steps per epoch (DDP needs that); evaluation reads each shard once with
-``pad_last_batch`` and the iterator's PARTIAL policy, so every validation sample is seen exactly once.
+=============  ===============================================================================================
+policy part    DALI op fed with the recorded parameter
+=============  ===============================================================================================
+rrc            ``fn.resize`` with ``roi_start``/``roi_end`` = the crop window (crop + resize in one pass)
+pad_crop       ``fn.resize`` to size, ``fn.slice`` at the offset with zero padding out of bounds
+flip           ``fn.flip(horizontal=flag)``
+rotate         ``fn.rotate(angle=...)``
+jitter         ``fn.brightness``, PIL-style contrast about the grey mean, ``fn.saturation``
+auto           ``nvidia.dali.auto_aug.core.select`` over the suite with the recorded op id, magnitude bin and sign
+cutout         ``fn.erase(anchor=...)``
+=============  ===============================================================================================
+
+Why not DALI's own random ops: they keep per-pipeline RNG state that advances per batch and cannot be queried
+(no op reports the window ``fn.random_resized_crop`` chose, the stock ``rand_augment`` hides its op choice), so
+neither exact resume nor replay by a logit store would be possible. With parameters as inputs, a sample's view is
+a pure function of (seed, epoch, view, sample id), the same parameters the torch path draws; the pipeline is
+built once and serves every epoch, and ``batch.aug[view]`` carries the parameters.
+
+What DALI cannot do here: it cannot *report* parameters of its built-in random ops (hence this design), and the
+colour-jitter order is fixed (brightness, contrast, saturation) where torchvision draws a random order.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections import deque
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from hpckd.data import autoaug
 from hpckd.data.aug import Policy, resize_for_center_crop
 from hpckd.data.batch import Batch
+from hpckd.data.params import sample_params, view_key
+from hpckd.data.sharding import ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
+from hpckd.data.sources import Source, as_source, decode_rgb
 from hpckd.errors import DataError
 
-READER = "Reader"
+__all__ = ["DaliLoader", "ShardSpec", "build_pipeline", "param_fields"]
 
 # DALI announces renamed operators when its auto-augment module loads; nothing for our users to act on.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"nvidia\.dali\..*")
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    shard_id: int = 0
-    num_shards: int = 1
+warnings.filterwarnings("ignore", message=r"WARNING: `nvidia\.dali\.fn\.experimental")
 
 
 def _dali():
@@ -43,138 +60,355 @@ def _dali():
     return dali
 
 
-def apply_policy(images, policy: Policy, mean: Sequence[float], std: Sequence[float]):
-    """DALI graph of ``policy`` on decoded HWC uint8 ``images``; returns normalised CHW float images."""
+def param_fields(policy: Policy) -> list[str]:
+    """Names of the parameter arrays ``policy`` uses, in a fixed order (see :mod:`hpckd.data.params`)."""
+    fields = []
+    if policy.crop in ("rrc", "pad_crop"):
+        fields.append("crop")
+    if policy.flip:
+        fields.append("flip")
+    if policy.rotate > 0:
+        fields.append("angle")
+    if policy.jitter > 0:
+        fields.append("jitter")
+    if policy.auto:
+        fields += ["ops", "mags", "signs"]
+    if policy.cutout > 0:
+        fields.append("erase")
+    return fields
+
+
+@lru_cache(maxsize=None)
+def _current_ops() -> dict:
+    """DALI's sharpness and equalize augmentations rebuilt on the non-experimental ``fn.filter``/``fn.equalize``
+    where this DALI has them (the stock ones call deprecated aliases and warn on every graph build)."""
+    from nvidia.dali import fn
+    from nvidia.dali.auto_aug import augmentations as a
+    from nvidia.dali.auto_aug.core import augmentation
+
+    ops = {}
+    if hasattr(fn, "filter"):
+        ops["sharpness"] = augmentation(lambda data, kernel: fn.filter(data, kernel), mag_range=(0, 0.9),
+                                        randomly_negate=True, mag_to_param=a.sharpness_kernel, param_device="auto",
+                                        name="sharpness")
+    if hasattr(fn, "equalize"):
+        ops["equalize"] = augmentation(lambda data, _: fn.equalize(data), name="equalize")
+    return ops
+
+
+@lru_cache(maxsize=None)
+def dali_suite(auto: str) -> tuple:
+    """The DALI augmentations of :mod:`hpckd.data.autoaug`'s suite for ``auto``, same order and magnitudes."""
+    from nvidia.dali.auto_aug import augmentations as a
+
+    ops = []
+    for op in autoaug.suite_of(auto).ops:
+        base = _current_ops().get(op.name) or getattr(a, op.name)
+        if op.name in ("identity", "equalize", "auto_contrast", "invert"):
+            ops.append(base)
+        else:
+            ops.append(base.augmentation(mag_range=(op.lo, op.hi), randomly_negate=op.signed))
+    return tuple(ops)
+
+
+def _contrast(images, factor):
+    """PIL/torchvision contrast: blend with the mean of the grey image (ITU-R 601 luma)."""
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    mean = fn.reductions.mean(images, axis_names="HW", keep_dims=True)
+    weights = types.Constant(np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    centre = fn.reductions.sum(mean * weights, axis_names="C", keep_dims=True)
+    return fn.cast_like(dmath.clamp(centre + (images - centre) * factor, 0, 255), images)
+
+
+def apply_policy(images, policy: Policy, p: dict, mean: Sequence[float], std: Sequence[float]):
+    """DALI graph of ``policy`` on decoded HWC uint8 ``images`` with parameter nodes ``p``; normalised CHW float."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug.core import select, signed_bin
 
     s = policy.size
     crop = None
+    linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
     if policy.crop == "rrc":
-        images = fn.random_resized_crop(images, size=(s, s), random_area=list(policy.rrc_scale))
+        window = fn.cast(p["crop"], dtype=types.FLOAT)
+        start = window[0:2]
+        images = fn.resize(images, size=(s, s), roi_start=start, roi_end=start + window[2:4], roi_relative=False, **linear)
     elif policy.crop == "pad_crop":
-        images = fn.resize(images, size=(s, s))
-        anchor = fn.random.uniform(values=[float(v) for v in range(-policy.pad, policy.pad + 1)], shape=2)
-        images = fn.slice(images, anchor, [float(s), float(s)], axes=[0, 1], normalized_anchor=False, normalized_shape=False,
-                          out_of_bounds_policy="pad", fill_values=0)
+        images = fn.resize(images, size=(s, s), **linear)
+        images = fn.slice(images, fn.cast(p["crop"][0:2], dtype=types.FLOAT), [float(s), float(s)], axes=[0, 1],
+                          normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
     elif policy.crop == "center":
-        images = fn.resize(images, resize_shorter=resize_for_center_crop(s))
+        images = fn.resize(images, resize_shorter=resize_for_center_crop(s), **linear)
         crop = (s, s)
-    else:
-        images = fn.resize(images, size=(s, s))
+    elif policy.crop == "resize":
+        images = fn.resize(images, size=(s, s), **linear)
+    if crop is not None:
+        images = fn.crop(images, crop=crop)
     if policy.flip:
-        images = fn.flip(images, horizontal=fn.random.coin_flip(dtype=types.INT32))
+        images = fn.flip(images, horizontal=p["flip"])
     if policy.rotate > 0:
-        images = fn.rotate(images, angle=fn.random.uniform(range=(-policy.rotate, policy.rotate)), keep_size=True, fill_value=0)
+        images = fn.rotate(images, angle=p["angle"], keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
     if policy.jitter > 0:
-        lo, hi = 1.0 - policy.jitter, 1.0 + policy.jitter
-        images = fn.color_twist(images, brightness=fn.random.uniform(range=(lo, hi)),
-                                contrast=fn.random.uniform(range=(lo, hi)), saturation=fn.random.uniform(range=(lo, hi)))
+        images = fn.brightness(images, brightness=p["jitter"][0])
+        images = _contrast(images, p["jitter"][1])
+        images = fn.saturation(images, saturation=p["jitter"][2])
     if policy.auto:
-        images = _auto_augment(images, policy)
+        images = _auto_program(images, policy, p)
     if policy.cutout > 0:
-        half = policy.cutout / 2
-        centre = fn.random.uniform(range=(0.0, float(s)), shape=2)
-        images = fn.erase(images, anchor=centre - half, shape=[float(policy.cutout)] * 2, axis_names="HW", fill_value=0)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
+        images = fn.erase(images, anchor=p["erase"], shape=[float(policy.cutout)] * 2, axis_names="HW", fill_value=0)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                     mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
 
 
-def _auto_augment(images, policy: Policy):
-    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+def _auto_program(images, policy: Policy, p: dict):
+    """Stage k applies suite op ``ops[k]`` at bin ``mags[k]`` with sign ``signs[k]`` (``core.select``)."""
+    from nvidia.dali import types
+    from nvidia.dali.auto_aug.core import select, signed_bin
 
-    if policy.auto == "randaugment":
-        return rand_augment.rand_augment(images, n=policy.ra_n, m=policy.ra_m, fill_value=0)
-    if policy.auto == "autoaugment_cifar":
-        return auto_augment.auto_augment(images, policy_name="reduced_cifar10", fill_value=0)
-    if policy.auto == "autoaugment_imagenet":
-        return auto_augment.auto_augment(images, policy_name="image_net", fill_value=0)
-    if policy.auto == "trivialaugment":
-        return trivial_augment.trivial_augment_wide(images, fill_value=0)
-    raise DataError(f"unknown automatic augmentation {policy.auto!r}")
+    suite, bins = dali_suite(policy.auto), autoaug.suite_of(policy.auto).bins
+    size = [policy.size, policy.size]
+    for k in range(autoaug.stages(policy.auto, policy.ra_n)):
+        sign = p["signs"][k]
+        if policy.auto == "randaugment":
+            # The bin is the constant m: an int bin keeps DALI's magnitude table at 2 entries per op instead of
+            # 2 * bins, which makes building the graph several times faster.
+            images = select(list(suite), p["ops"][k], data=images, num_magnitude_bins=bins, fill_value=0, shape=size,
+                            magnitude_bin=signed_bin(policy.ra_m, random_sign=sign))
+        elif policy.auto.startswith("autoaugment"):
+            # AutoAugment uses few (op, bin) pairs per stage: select among those, each with its constant bin.
+            pairs, lookup = _autoaugment_pairs(policy.auto, k)
+            choice = types.Constant(lookup)[p["ops"][k] * bins + p["mags"][k]]
+            fixed = [_fixed_op(suite[op], bin_, bins, size) for op, bin_ in pairs]
+            images = select(fixed, choice, images, sign)
+        else:
+            images = select(list(suite), p["ops"][k], data=images, num_magnitude_bins=bins, fill_value=0, shape=size,
+                            magnitude_bin=signed_bin(p["mags"][k], random_sign=sign))
+    return images
 
 
-def build_pipeline(files: Sequence[str], views: dict[str, Policy], *, batch_size: int, shard: ShardSpec, train: bool,
-                   seed: int, num_threads: int, device_id: int | None, mean: Sequence[float], std: Sequence[float]):
-    """A DALI pipeline yielding (sample ids, one image tensor per view name, in ``views`` order)."""
+@lru_cache(maxsize=None)
+def _autoaugment_pairs(auto: str, stage: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The (op id, bin) pairs stage ``stage`` of the AutoAugment policy can run (identity first), and the
+    (n_ops * bins,) int32 table mapping ``op * bins + bin`` to a position in that list."""
+    suite = autoaug.suite_of(auto)
+    table = autoaug.autoaugment_table("cifar" if auto == "autoaugment_cifar" else "imagenet")
+    pairs = [(suite.index("identity"), 0)]
+    for op, _, bin_ in table[:, stage, :]:
+        pair = (int(op), int(bin_) if suite.ops[int(op)].hi != suite.ops[int(op)].lo else 0)
+        if pair not in pairs:
+            pairs.append(pair)
+    lookup = np.zeros(len(suite.ops) * suite.bins, dtype=np.int32)
+    for i, (op, bin_) in enumerate(pairs):
+        if suite.ops[op].hi == suite.ops[op].lo:  # magnitude-free op: every bin maps to it
+            lookup[op * suite.bins:(op + 1) * suite.bins] = i
+        else:
+            lookup[op * suite.bins + bin_] = i
+    return pairs, lookup
+
+
+def _fixed_op(aug, bin_: int, bins: int, size: list[int]):
+    """``aug`` at the constant magnitude bin ``bin_`` as a select branch taking (images, sign)."""
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    def branch(images, sign):
+        return aug(images, magnitude_bin=signed_bin(bin_, random_sign=sign), num_magnitude_bins=bins, fill_value=0,
+                   shape=size)
+
+    return branch
+
+
+Batches = Iterator[tuple[np.ndarray, list[np.ndarray]]]
+
+
+def read_batches(source: Source, order: np.ndarray, start: int, batch_size: int) -> Batches:
+    """(sample ids, data) of the batches of ``order`` from batch ``start`` on, read from ``source``."""
+    for k in range(start * batch_size, len(order), batch_size):
+        ids = order[k : k + batch_size]
+        yield ids, [source.read(int(i)) for i in ids]
+
+
+class BatchFeeder:
+    """The ``fn.external_source`` callback: the next batch of the current pass, as input arrays.
+
+    Outputs: data (encoded bytes or HWC pixels), sample ids, then each view's parameter arrays in
+    :func:`param_fields` order. Running out of batches (StopIteration) ends DALI's epoch; ``close`` ends a pass
+    early. The ids of the last few batches are kept to name a file DALI fails to decode.
+    """
+
+    def __init__(self, source: Source, views: dict[str, Policy], seed: int) -> None:
+        self.source, self.views, self.seed = source, views, seed
+        self.batches: Batches = iter(())
+        self.epoch = 0
+        self.closed = False
+        self.recent: deque[np.ndarray] = deque(maxlen=4)
+
+    def plan(self, batches: Batches, epoch: int) -> None:
+        self.batches, self.epoch, self.closed = batches, epoch, False
+
+    def __call__(self, info):
+        if self.closed:
+            raise StopIteration
+        ids, data = next(self.batches)
+        self.recent.append(ids)
+        sizes = np.array([self.source.size(int(i), d) for i, d in zip(ids, data)], dtype=np.int64)
+        outputs = [data, [np.array([i], dtype=np.int64) for i in ids]]
+        for name, policy in self.views.items():
+            params = sample_params(policy, view_key(self.seed, self.epoch, name), ids, sizes)
+            outputs += [list(params[f]) for f in param_fields(policy)]
+        return tuple(outputs)
+
+    def culprit(self) -> str | None:
+        """The first recently fed sample that PIL cannot decode either, if any."""
+        for ids in self.recent:
+            for i in ids:
+                try:
+                    decode_rgb(self.source.read(int(i)), self.source.encoded, self.source.name(int(i)))
+                except DataError:
+                    return self.source.name(int(i))
+        return None
+
+
+def build_pipeline(feeder: BatchFeeder, views: dict[str, Policy], *, encoded: bool, batch_size: int, num_threads: int,
+                   device_id: int | None, mean: Sequence[float], std: Sequence[float]):
+    """A DALI pipeline yielding (sample ids, one image per view, each view's parameters) from ``feeder``."""
     _dali()
     from nvidia.dali import fn, pipeline_def, types
 
-    order = np.arange(len(files))
-    if train:  # the first epoch must be shuffled too; shuffle_after_epoch only reshuffles later epochs
-        order = np.random.default_rng(seed).permutation(len(files))
-    ordered_files = [files[i] for i in order]
-    sample_ids = [int(i) for i in order]
+    n_outputs = 2 + sum(len(param_fields(p)) for p in views.values())
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        encoded, ids = fn.readers.file(files=ordered_files, labels=sample_ids, shard_id=shard.shard_id,
-                                       num_shards=shard.num_shards, shuffle_after_epoch=train,
-                                       stick_to_shard=not train, pad_last_batch=True, seed=seed, name=READER)
-        decoded = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
-        return (ids, *[apply_policy(decoded, policy, mean, std) for policy in views.values()])
+        inputs = fn.external_source(source=feeder, num_outputs=n_outputs, batch=True, batch_info=True,
+                                    layout=["" if encoded else "HWC"] + [""] * (n_outputs - 1))
+        data, ids, rest = inputs[0], inputs[1], list(inputs[2:])
+        gpu = device_id is not None
+        if encoded:
+            images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        else:
+            images = data.gpu() if gpu else data
+        outs, params = [], []
+        for policy in views.values():
+            fields = param_fields(policy)
+            p = dict(zip(fields, rest[: len(fields)]))
+            rest = rest[len(fields):]
+            outs.append(apply_policy(images, policy, p, mean, std))
+            params += [p[f] for f in fields]
+        return (ids, *outs, *params)
 
-    # Augmentation randomness differs per rank; the reader's seed (above) is shared so the shards agree.
-    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                 seed=seed + 7919 * (shard.shard_id + 1), prefetch_queue_depth=2)
+    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, prefetch_queue_depth=2)
 
 
 class DaliLoader:
     """Iterates :class:`Batch` objects from a DALI pipeline; one pass = one epoch.
 
+    The order of a pass comes from :func:`hpckd.data.sharding.epoch_order` and the parameters from
+    :func:`hpckd.data.params.sample_params`, so ``load_state_dict({"epoch": e, "step": s})`` resumes at batch
+    ``s`` of epoch ``e`` exactly (same samples, same pixels) without replaying anything. ``batch.aug[view]``
+    holds each view's parameters for replay.
+
     Args:
-        labels: class label of every sample id (the index's labels).
-        steps_per_epoch: training only; every rank stops after this many batches (then drains the rest of its
-            shard so the reader stays aligned with epoch boundaries).
+        files: list of image paths, or a :class:`~hpckd.data.sources.Source` (e.g. CIFAR arrays, WebDataset).
+        labels: class label of every sample id.
+        streaming: for sources that can stream (WebDataset shards), read them with DALI's sequential reader
+            (shuffle buffer, shard rotation across epochs) instead of by random access in the global order.
     """
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
+    def __init__(self, files, labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
                  shard: ShardSpec, train: bool, seed: int, num_threads: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
+                 mean: Sequence[float], std: Sequence[float], streaming: bool = True) -> None:
+        _dali()
+        self.source = as_source(files)
+        self.streaming = streaming and hasattr(self.source, "stream")
+        self.num_threads = max(1, num_threads)
+        if train:
+            check_trainable(len(self.source), shard, batch_size)
         device_id = device.index if device.type == "cuda" else None
         if device.type == "cuda" and device_id is None:
             device_id = torch.cuda.current_device()
-        self.view_names = list(views)
-        self.pipeline = build_pipeline(files, views, batch_size=batch_size, shard=shard, train=train, seed=seed,
-                                       num_threads=num_threads, device_id=device_id, mean=mean, std=std)
-        self.iterator = DALIGenericIterator(
-            self.pipeline, ["index", *self.view_names], reader_name=READER, auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
-        )
+        self.views = dict(views)
+        self.shard, self.train, self.seed, self.batch_size = shard, train, seed, batch_size
+        self.feeder = BatchFeeder(self.source, self.views, seed)
+        self.pipeline = build_pipeline(self.feeder, self.views, encoded=self.source.encoded, batch_size=batch_size,
+                                       num_threads=max(1, num_threads), device_id=device_id, mean=mean, std=std)
+        self.fields = {name: param_fields(p) for name, p in self.views.items()}
+        self.output_names = ["index", *self.views] + [f"{v}.{f}" for v, fs in self.fields.items() for f in fs]
+        self._iterator = None
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
         self.device = device
-        self.train = train
-        self.epoch = 0
-        n, b = len(files), batch_size
-        smallest_shard = n // shard.num_shards  # shards are contiguous ranges differing by at most one sample
-        self.steps_per_epoch = smallest_shard // b if train else -(-_shard_size(n, shard) // b)
-        if train and self.steps_per_epoch == 0:
-            raise DataError(f"{n} training images are fewer than one batch of {b} per rank x {shard.num_shards} ranks")
+        self.steps_per_epoch = steps_per_epoch(len(self.source), shard, batch_size, train)
+        self.state = ResumableEpochs()
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.state.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
+
+    def _start_pass(self, epoch: int, start: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if self.streaming:
+            batches = self.source.stream(epoch=epoch, shard=self.shard, batch_size=self.batch_size, train=self.train,
+                                         seed=self.seed, start=start, num_threads=self.num_threads)
+        else:
+            order = epoch_order(len(self.source), self.shard, batch_size=self.batch_size, train=self.train,
+                                seed=self.seed, epoch=epoch)
+            batches = read_batches(self.source, order, start, self.batch_size)
+        self.feeder.plan(batches, epoch)
+        if self._iterator is None:
+            self._iterator = DALIGenericIterator(self.pipeline, self.output_names, auto_reset=False,
+                                                 prepare_first_batch=False, last_batch_policy=LastBatchPolicy.PARTIAL)
+        else:
+            self._iterator.reset()
+        return self._iterator
+
+    def _finish_pass(self, iterator, complete: bool) -> None:
+        """An abandoned pass: stop feeding and drain what DALI prefetched, so the next pass starts clean."""
+        if not complete:
+            self.feeder.closed = True
+            for _ in iterator:
+                pass
+
+    def _batch(self, out: dict, epoch: int) -> Batch:
+        index = out["index"].reshape(-1).to(self.device, dtype=torch.int64)
+        views = {name: out[name].to(self.device, non_blocking=True) for name in self.views}
+        aug = {name: {f: out[f"{name}.{f}"] for f in fields} for name, fields in self.fields.items()}
+        for params in aug.values():
+            for f in ("flip",):
+                if f in params:
+                    params[f] = params[f].reshape(-1)
+        return Batch(views=views, labels=self.labels[index], index=index, epoch=epoch, aug=aug)
 
     def __iter__(self) -> Iterator[Batch]:
-        step = 0
+        start = self.state.begin_pass()
+        if start >= self.steps_per_epoch:
+            return
+        epoch = self.state.epoch
+        iterator = self._start_pass(epoch, start)
+        complete = False
         try:
-            for outputs in self.iterator:
-                if self.train and step >= self.steps_per_epoch:
-                    continue  # drain: keeps the reader on epoch boundaries
-                out = outputs[0]
-                index = out["index"].reshape(-1).to(self.device, dtype=torch.int64)
-                views = {name: out[name].to(self.device, non_blocking=True) for name in self.view_names}
-                step += 1
-                yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.epoch)
+            for outputs in iterator:
+                self.state.step += 1
+                yield self._batch(outputs[0], epoch)
+            complete = True
         except RuntimeError as exc:
+            complete = True
+            culprit = self.feeder.culprit()
+            if culprit is not None:
+                raise DataError(f"cannot decode {culprit} (fix or remove it; data.on_bad_image=skip drops files "
+                                f"that fail the index-time check)") from None
             text = str(exc).strip().splitlines()
             raise DataError(f"DALI failed while reading data: {text[0] if text else exc}") from None
-
-
-def _shard_size(n: int, shard: ShardSpec) -> int:
-    start = n * shard.shard_id // shard.num_shards
-    end = n * (shard.shard_id + 1) // shard.num_shards
-    return end - start
+        finally:
+            self._finish_pass(iterator, complete)

@@ -1,9 +1,11 @@
 """Generated ImageFolder data sets with class-dependent content.
 
-Each class is a (hue, stripe orientation, blob shape) combination that survives the studies' augmentations:
-flips keep stripe orientation (horizontal vs vertical), colour jitter keeps hue roughly, crops keep stripes
-and colour. Per-image noise, phase, stripe frequency, blob position and brightness vary so the task is not
-trivial. The output is a standard ``ROOT/{train,val}/class_XXX/NNNNN.jpg`` tree that DALI's file reader and
+A class is a (foreground shape, background stripe orientation, colour band) combination chosen to survive the
+studies' augmentations: shapes and stripe orientation (horizontal vs vertical) survive flips, small rotations,
+crops, colour jitter and AutoAugment/RandAugment's colour operations (inversion, solarise, posterise), which would
+wipe out a purely colour-coded class. The colour band only separates classes beyond 2 x the number of shapes.
+Per-image position, size, colours, stripe frequency/phase/contrast and noise vary, so the task is learnable but
+not trivial. The output is a standard ``ROOT/{train,val}/class_XXX/NNNNN.jpg`` tree that DALI's file reader and
 torchvision's ImageFolder both read.
 """
 
@@ -31,30 +33,47 @@ class SynthSpec:
     quality: int = 90
 
 
-def class_style(c: int, classes: int) -> tuple[float, int]:
-    """Hue in [0, 1) and orientation (0 horizontal stripes, 1 vertical) of class ``c``."""
-    n_hues = (classes + 1) // 2
-    return (c % n_hues) / n_hues, (c // n_hues) % 2
+SHAPES = ("disk", "square", "triangle", "ring", "cross")
+
+
+def class_style(c: int, classes: int) -> tuple[int, int, int]:
+    """(shape id, stripe orientation 0 horizontal / 1 vertical, colour band) of class ``c``."""
+    n = len(SHAPES)
+    return c % n, (c // n) % 2, c // (2 * n)
+
+
+def shape_mask(shape: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean mask of ``SHAPES[shape]`` centred at (cy, cx) with half-size ``r``."""
+    dy, dx = yy - cy, xx - cx
+    if shape == 0:
+        return dy**2 + dx**2 < r**2
+    if shape == 1:
+        return (np.abs(dy) < 0.85 * r) & (np.abs(dx) < 0.85 * r)
+    if shape == 2:  # apex up: horizontal flips keep it, the studies' rotations (<= 15 degrees) barely move it
+        return (dy < 0.8 * r) & (dy > -r + 2 * np.abs(dx))
+    if shape == 3:
+        d2 = dy**2 + dx**2
+        return (d2 < r**2) & (d2 > (0.55 * r) ** 2)
+    return ((np.abs(dy) < 0.3 * r) & (np.abs(dx) < r)) | ((np.abs(dx) < 0.3 * r) & (np.abs(dy) < r))
 
 
 def render(c: int, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     """One HxWx3 uint8 image of class ``c``."""
     h, w = spec.height, spec.width
-    hue, orientation = class_style(c, spec.classes)
-    hue = (hue + rng.normal(0.0, 0.06)) % 1.0
-    base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)))
+    shape, orientation, band = class_style(c, spec.classes)
+    bands = max(1, -(-spec.classes // (2 * len(SHAPES))))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     coord = yy / h if orientation == 0 else xx / w
-    freq = rng.uniform(3.0, 5.0)
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * coord + rng.uniform(0, 2 * np.pi))
-    contrast = rng.uniform(0.3, 0.7)
-    img = base[None, None, :] * (1.0 - contrast + contrast * stripes[..., None])
-    # A distractor blob of a random colour at a random place: content the model must learn to ignore.
-    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-    radius = rng.uniform(0.15, 0.35) * min(h, w)
-    blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < radius**2
-    img[blob] = rng.uniform(0, 1, size=3)
-    img = img + rng.normal(0.0, 0.08, size=img.shape)
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2.5, 4.5) * coord + rng.uniform(0, 2 * np.pi))
+    contrast = rng.uniform(0.35, 0.75)
+    background = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.2, 0.8), rng.uniform(0.5, 1.0)))
+    img = background[None, None, :] * (1.0 - contrast + contrast * stripes[..., None])
+    fg_hue = (band + rng.uniform(0.1, 0.9)) / bands if bands > 1 else rng.uniform(0, 1)
+    foreground = np.array(colorsys.hsv_to_rgb(fg_hue % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
+    r = rng.uniform(0.22, 0.34) * min(h, w)
+    cy, cx = rng.uniform(0.38, 0.62) * h, rng.uniform(0.38, 0.62) * w
+    img[shape_mask(shape, yy, xx, cy, cx, r)] = foreground
+    img = img + rng.normal(0.0, 0.07, size=img.shape)
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 

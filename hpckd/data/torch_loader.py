@@ -1,4 +1,10 @@
-"""torchvision-v2 DataLoader path with the same policies and the same sharding semantics as the DALI loader.
+"""torchvision-v2 DataLoader path with the same policies, parameters and sharding as the DALI loader.
+
+Each sample's view is rendered by :func:`hpckd.data.render_torch.render` from parameters drawn by
+:func:`hpckd.data.params.sample_params` under the key (seed, epoch, view name) -- the same parameters the DALI
+loader draws -- so a sample's augmentation does not depend on the worker that loads it, the batch it lands in or
+the samples before it. With the order of :func:`hpckd.data.sharding.epoch_order`, every epoch is a pure function
+of (seed, epoch, rank) and resuming at any step is exact (:meth:`TorchLoader.load_state_dict`).
 
 (Named ``torch_loader`` rather than ``torch`` so that running a file of this package as a script can never shadow
 the real ``torch``.)
@@ -10,118 +16,103 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
-from hpckd.data.aug import Policy, resize_for_center_crop
+from hpckd.data.aug import Policy
 from hpckd.data.batch import Batch
-from hpckd.data.dali import ShardSpec
-from hpckd.errors import DataError
-
-
-def to_transform(policy: Policy, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """torchvision-v2 rendering of ``policy`` (PIL image in, normalised float CHW tensor out)."""
-    s = policy.size
-    ops: list = [v2.ToImage()]
-    if policy.crop == "rrc":
-        ops.append(v2.RandomResizedCrop(s, scale=policy.rrc_scale, antialias=True))
-    elif policy.crop == "pad_crop":
-        ops += [v2.Resize((s, s), antialias=True), v2.RandomCrop(s, padding=policy.pad)]
-    elif policy.crop == "center":
-        ops += [v2.Resize(resize_for_center_crop(s), antialias=True), v2.CenterCrop(s)]
-    else:
-        ops.append(v2.Resize((s, s), antialias=True))
-    if policy.flip:
-        ops.append(v2.RandomHorizontalFlip())
-    if policy.rotate > 0:
-        ops.append(v2.RandomRotation(policy.rotate))
-    if policy.jitter > 0:
-        ops.append(v2.ColorJitter(policy.jitter, policy.jitter, policy.jitter))
-    if policy.auto == "randaugment":
-        ops.append(v2.RandAugment(num_ops=policy.ra_n, magnitude=policy.ra_m))
-    elif policy.auto == "autoaugment_cifar":
-        ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
-    elif policy.auto == "autoaugment_imagenet":
-        ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-    elif policy.auto == "trivialaugment":
-        ops.append(v2.TrivialAugmentWide())
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    if policy.cutout > 0:
-        side = policy.cutout / s
-        ops.append(v2.RandomErasing(p=1.0, scale=(side * side, side * side), ratio=(1.0, 1.0), value=0))
-    ops.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return v2.Compose(ops)
+from hpckd.data.params import sample_params, view_key
+from hpckd.data.render_torch import render
+from hpckd.data.sharding import ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
+from hpckd.data.sources import as_source, decode_rgb
 
 
 class ViewsDataset(Dataset):
-    """Sample i -> (global id, {view: tensor}); every view is its own random draw of the same image."""
+    """Key (sample id, epoch) -> (sample id, {view: tensor}, {view: parameters})."""
 
-    def __init__(self, files: Sequence[str], views: dict[str, Policy], mean, std) -> None:
-        self.files = list(files)
-        self.transforms = {name: to_transform(p, mean, std) for name, p in views.items()}
+    def __init__(self, source, views: dict[str, Policy], mean, std, seed: int) -> None:
+        self.source = as_source(source)
+        self.views = dict(views)
+        self.mean, self.std, self.seed = list(mean), list(std), seed
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.source)
 
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.files[i]) as img:
-                img = img.convert("RGB")
-        except Exception as exc:
-            raise DataError(f"cannot decode {self.files[i]} ({type(exc).__name__})") from None
-        return i, {name: t(img) for name, t in self.transforms.items()}
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        data = self.source.read(i)
+        pixels = decode_rgb(data, self.source.encoded, self.source.name(i))
+        img = torch.from_numpy(pixels).permute(2, 0, 1)
+        size = np.array([[pixels.shape[0], pixels.shape[1]]])
+        out, params = {}, {}
+        for name, policy in self.views.items():
+            p = {k: v[0] for k, v in sample_params(policy, view_key(self.seed, epoch, name), np.array([i]), size).items()}
+            out[name] = render(img, policy, p, self.mean, self.std)
+            params[name] = p
+        return i, out, params
 
 
-class ShardSampler(Sampler[int]):
-    """Training: a seeded global permutation per epoch, the same number of samples on every rank.
-    Evaluation: the contiguous shard of this rank, unpadded (same ranges as DALI's reader)."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (sample id, epoch) keys of this rank's order for one epoch, from batch ``start`` on."""
 
-    def __init__(self, n: int, shard: ShardSpec, train: bool, seed: int, per_rank_batch: int) -> None:
-        self.n, self.shard, self.train, self.seed, self.b = n, shard, train, seed, per_rank_batch
+    def __init__(self, n: int, shard: ShardSpec, train: bool, seed: int, batch_size: int) -> None:
+        self.n, self.shard, self.train, self.seed, self.b = n, shard, train, seed, batch_size
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _order(self) -> np.ndarray:
+        return epoch_order(self.n, self.shard, batch_size=self.b, train=self.train, seed=self.seed, epoch=self.epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        if not self.train:
-            start = self.n * self.shard.shard_id // self.shard.num_shards
-            end = self.n * (self.shard.shard_id + 1) // self.shard.num_shards
-            return iter(range(start, end))
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
-        take = len(self) * self.shard.num_shards
-        return iter(order[:take][self.shard.shard_id :: self.shard.num_shards].tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(int(i), self.epoch) for i in self._order()[self.start * self.b :]])
 
     def __len__(self) -> int:
-        if not self.train:
-            return self.n * (self.shard.shard_id + 1) // self.shard.num_shards - self.n * self.shard.shard_id // self.shard.num_shards
-        return (self.n // self.shard.num_shards) // self.b * self.b
+        return max(0, len(self._order()) - self.start * self.b)
 
 
 class TorchLoader:
-    def __init__(self, files: Sequence[str], labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
+    """Iterates :class:`Batch` objects; ``len`` = steps per epoch; ``state_dict``/``load_state_dict`` resume exactly.
+
+    ``batch.aug[view]`` holds the view's parameters (tensors, one row per sample) for replay.
+    """
+
+    def __init__(self, files, labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
                  shard: ShardSpec, train: bool, seed: int, num_threads: int, device: torch.device,
                  mean: Sequence[float], std: Sequence[float]) -> None:
-        self.sampler = ShardSampler(len(files), shard, train, seed, batch_size)
-        if train and len(self.sampler) == 0:
-            raise DataError(f"{len(files)} training images are fewer than one batch of {batch_size} per rank x {shard.num_shards} ranks")
-        self.loader = DataLoader(ViewsDataset(files, views, mean, std), batch_size=batch_size, sampler=self.sampler,
+        source = as_source(files)
+        if train:
+            check_trainable(len(source), shard, batch_size)
+        self.sampler = EpochSampler(len(source), shard, train, seed, batch_size)
+        self.loader = DataLoader(ViewsDataset(source, views, mean, std, seed), batch_size=batch_size, sampler=self.sampler,
                                  num_workers=num_threads, drop_last=train, pin_memory=device.type == "cuda",
                                  persistent_workers=num_threads > 0)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
         self.device = device
-        self.epoch = 0
+        self.steps_per_epoch = steps_per_epoch(len(source), shard, batch_size, train)
+        self.state = ResumableEpochs()
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.state.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Batch]:
-        for index, views in self.loader:
+        start = self.state.begin_pass()
+        if start >= self.steps_per_epoch:
+            return
+        self.sampler.epoch, self.sampler.start = self.state.epoch, start
+        for index, views, params in self.loader:
             index = index.to(self.device, dtype=torch.int64)
             views = {k: v.to(self.device, non_blocking=True) for k, v in views.items()}
-            yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.epoch)
+            self.state.step += 1
+            yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch, aug=dict(params))

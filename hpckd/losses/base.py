@@ -64,6 +64,11 @@ class Loss(nn.Module):
         """Mean L_NLL over the kept samples (with the configured label smoothing)."""
         return masked_mean(hard_ce(student, batch.labels, self.cfg.label_smoothing), mask)
 
+    def ce_kd_terms(self, ce: torch.Tensor, kd: torch.Tensor, **logged: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss`` = ce_weight ce + kd_weight kd, with ``ce``, ``kd`` and the ``logged`` terms detached."""
+        total = weighted_total([(self.cfg.ce_weight, ce), (self.cfg.kd_weight, kd)])
+        return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), **{k: v.detach() for k, v in logged.items()}}
+
     def extra_repr(self) -> str:
         return f"name={self.name}"
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hpckd.errors import ConfigError
+from hpckd.teachers.ensemble import ENSEMBLE_MODES
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "kd_form": ("cross_entropy", "kl"),
-    "ensemble": ("mean_loss", "mean_prob", "mean_logit"),
+    "ensemble": ENSEMBLE_MODES,
     "pick_criterion": ("teacher_entropy", "student_entropy", "kl"),
     "pick_order": ("highest", "lowest"),
     "wsl_weight_tau": ("tau", "one"),
@@ -47,7 +48,7 @@ class LossConfig:
     check_finite: bool = True  # reject NaN/Inf logits with a clear error (one device sync per step)
     teacher_tau: Optional[float] = None  # noqa: UP045  teacher temperature if not tau (response study stage 2: 0.7)
     label_smoothing: float = 0.0  # eps of the hard-label CE term (response study stage-1 code: 0.1)
-    ensemble: str = "mean_loss"  # mean_loss (attention Eq. 8) | mean_prob (fidelity study) | mean_logit
+    ensemble: str = "per_teacher_loss"  # per_teacher_loss (attention Eq. 8) | mean_probs | mean_logits (ENSEMBLE_MODES)
     # KD + DA with a doubled batch (augmentation study Sec. 4.1)
     aug_kd_weight: float = 1.0  # weight of the KL on the augmented half (lw_mix[2] in its code)
     # CutMixPick (augmentation study Sec. 4.2)

@@ -7,9 +7,6 @@ Notation follows the papers: z_s / z_t student / teacher logits, sigma the softm
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -95,21 +92,6 @@ def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     mean = logits.mean(dim=1, keepdim=True)
     std = logits.std(dim=1, keepdim=True)
     return (logits - mean) / (std + eps)
-
-
-def combine_teachers(teachers: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
-    """One (N, C) logit tensor for an ensemble of teachers.
-
-    ``mean_prob``: log((1/N) sum_k sigma(z_k)), the fidelity study's ensemble (its predictive distribution is
-    the mean of the members' softmax; tempering then divides these log-probabilities by tau).
-    ``mean_logit``: (1/N) sum_k z_k.
-    """
-    stacked = torch.stack(list(teachers))
-    if mode == "mean_prob":
-        return torch.logsumexp(F.log_softmax(stacked, dim=2), dim=0) - math.log(stacked.shape[0])
-    if mode == "mean_logit":
-        return stacked.mean(dim=0)
-    raise ValueError(f"unknown ensemble mode {mode!r}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -5,26 +5,28 @@
   teacher it is Hinton et al. 2015 KD). ``kd_form`` picks L_KDk = -tau^2 sum_c sigma_c(z_t/tau) log
   sigma_c(z_s/tau) (Eq. 7, ``cross_entropy``) or tau^2 KL(sigma(z_t/tau) || sigma(z_s/tau)) (``kl``, the
   augmentation study Eq. 1); both give the student the same gradient. ``ensemble`` picks how N teachers
-  combine: ``mean_loss`` (mean of the N KD terms, Eq. 8), ``mean_prob`` (KD against the mean of the members'
-  softmax, the fidelity study's ensemble) or ``mean_logit``.
+  combine: ``per_teacher_loss`` (mean of the N KD terms, Eq. 8), or one KD term against the ensemble reduced by
+  :func:`hpckd.teachers.ensemble.ensemble_distribution`: ``mean_probs`` (the log of the members' mean softmax, the
+  fidelity study's ensemble) or ``mean_logits``.
 * ``kd``: the same computation under Hinton's name; set ``alpha`` (hard-label weight, see
   :mod:`hpckd.losses.config`).
 * ``pure_kd``: the fidelity study's pure distillation, L = L_KD (alpha = 0, Sec. 3.1 and 5); ``ce`` is still
   logged, unweighted, for comparison.
 
 Value per recipe (:mod:`hpckd.losses.recipes`): attention study tau = 10, alpha = 0.2 (App. A.1); fidelity
-study alpha = 0, tau = 4 (its strong baseline, Fig. 3), ensemble = mean_prob; augmentation study alpha = 0.1,
+study alpha = 0, tau = 4 (its strong baseline, Fig. 3), ensemble = mean_probs; augmentation study alpha = 0.1,
 tau = 4, kd_form = kl.
-Terms: ``ce``, ``kd`` and, for ``mean_loss`` with several teachers, ``kd0``, ``kd1``, ...
+Terms: ``ce``, ``kd`` and, for ``per_teacher_loss`` with several teachers, ``kd0``, ``kd1``, ...
 """
 
 from __future__ import annotations
 
 import torch
 
-from hpckd.losses.base import Loss, weighted_total
-from hpckd.losses.functional import combine_teachers, kd_term, masked_mean
+from hpckd.losses.base import Loss
+from hpckd.losses.functional import kd_term, masked_mean
 from hpckd.losses.registry import register
+from hpckd.teachers.ensemble import ensemble_distribution
 
 
 @register("ce")
@@ -47,8 +49,8 @@ class EnsembleKD(Loss):
     ) -> dict[str, torch.Tensor]:
         """``kd`` (with grad) and, per teacher, ``kd{k}`` for the configured ensemble mode."""
         cfg = self.cfg
-        if cfg.ensemble != "mean_loss" and len(teachers) > 1:
-            teachers = [combine_teachers(teachers, cfg.ensemble)]
+        if cfg.ensemble != "per_teacher_loss" and len(teachers) > 1:
+            teachers = [ensemble_distribution(teachers, cfg.ensemble, dtype=teachers[0].dtype)]
         per_teacher = [masked_mean(kd_term(student, t, cfg.tau, cfg.kd_form, cfg.teacher_tau), mask) for t in teachers]
         terms = {"kd": torch.stack(per_teacher).mean()}
         if len(per_teacher) > 1:
@@ -57,10 +59,7 @@ class EnsembleKD(Loss):
 
     def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
         mask = self.mask(batch, student)
-        terms = self.kd_terms(student, teachers, mask)
-        ce = self.hard_label_term(student, batch, mask)
-        total = weighted_total([(self.cfg.ce_weight, ce), (self.cfg.kd_weight, terms["kd"])])
-        return {"loss": total, "ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return self.ce_kd_terms(self.hard_label_term(student, batch, mask), **self.kd_terms(student, teachers, mask))
 
 
 @register("kd")

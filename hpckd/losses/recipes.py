@@ -6,7 +6,7 @@ recipe                 loss                source
 attention_study        ensemble_kd         tau = 10, "hard label weight alpha = 0.2" (App. A.1); Eqs. 6-8
 attention_study_eq8    ensemble_kd         Eq. 8 as printed: L_NLL + mean_k L_KDk (weights 1 and 1), tau = 10
 attention_study_zscore standardized_kd     the same with Sun et al.'s logit standardisation (Sec. 6.2)
-fidelity_study         pure_kd             alpha = 0 (Sec. 3.1, 5), tau = 4 (Fig. 3 baseline), mean_prob ensemble
+fidelity_study         pure_kd             alpha = 0 (Sec. 3.1, 5), tau = 4 (Fig. 3 baseline), mean_probs ensemble
 augmentation_study     kd_da               (1 - a) CE + a tau^2 KL, a = 0.9 -> alpha = 0.1; tau = 4 (Sec. 5, Eq. 1)
 augmentation_kd        kd                  the same loss on a plain (undoubled) batch
 response_analysis      soft_target_kd      MEAL V2 setting lambda = 1 (Sec. 3): ce 0, kd 1, tau 1 (Sec. 4)
@@ -30,7 +30,7 @@ RECIPES: dict[str, LossConfig] = {
     "attention_study": LossConfig(name="ensemble_kd", tau=10.0, alpha=0.2),
     "attention_study_eq8": LossConfig(name="ensemble_kd", tau=10.0, ce_weight=1.0, kd_weight=1.0),
     "attention_study_zscore": LossConfig(name="standardized_kd", tau=10.0, alpha=0.2, kd_form="kl"),
-    "fidelity_study": LossConfig(name="pure_kd", tau=4.0, alpha=0.0, ensemble="mean_prob"),
+    "fidelity_study": LossConfig(name="pure_kd", tau=4.0, alpha=0.0, ensemble="mean_probs"),
     "augmentation_study": LossConfig(name="kd_da", tau=4.0, alpha=0.1, kd_form="kl"),
     "augmentation_kd": LossConfig(name="kd", tau=4.0, alpha=0.1, kd_form="kl"),
     "response_analysis": LossConfig(

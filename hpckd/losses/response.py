@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hpckd.errors import ConfigError
-from hpckd.losses.base import Loss, weighted_total
+from hpckd.losses.base import Loss
 from hpckd.losses.config import LossConfig
 from hpckd.losses.functional import kd_from_probs, masked_mean
 from hpckd.losses.registry import register
@@ -68,10 +68,4 @@ class SoftTargetKD(Loss):
         target, subset = self.targets(student, teachers, batch.labels)
         kd = masked_mean(kd_from_probs(student, target, cfg.tau, cfg.kd_form), mask)
         ce = self.hard_label_term(student, batch, mask)
-        total = weighted_total([(cfg.ce_weight, ce), (cfg.kd_weight, kd)])
-        return {
-            "loss": total,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "subset_frac": masked_mean(subset.to(student.dtype), mask),
-        }
+        return self.ce_kd_terms(ce, kd, subset_frac=masked_mean(subset.to(student.dtype), mask))

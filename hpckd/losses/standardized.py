@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from hpckd.losses.base import weighted_total
 from hpckd.losses.functional import zscore
 from hpckd.losses.kd import EnsembleKD
 from hpckd.losses.registry import register
@@ -28,6 +27,4 @@ class StandardizedKD(EnsembleKD):
     def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
         mask = self.mask(batch, student)
         terms = self.kd_terms(zscore(student), [zscore(t) for t in teachers], mask)
-        ce = self.hard_label_term(student, batch, mask)
-        total = weighted_total([(self.cfg.ce_weight, ce), (self.cfg.kd_weight, terms["kd"])])
-        return {"loss": total, "ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return self.ce_kd_terms(self.hard_label_term(student, batch, mask), **terms)

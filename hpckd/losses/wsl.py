@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hpckd.losses.base import Loss, weighted_total
-from hpckd.losses.functional import hard_ce, kd_term, masked_mean
+from hpckd.losses.base import Loss
+from hpckd.losses.functional import kd_term, masked_mean
 from hpckd.losses.registry import register
 from hpckd.losses.targets import label_prob, label_smoothing_target
 
@@ -65,9 +65,7 @@ class WeightedSoftLabels(Loss):
         else:
             w = wsl_weight(student, teacher, batch.labels, 1.0, 1.0, eps=1e-7)
         kd = masked_mean(w * kd_term(student, teacher, cfg.tau, cfg.kd_form, cfg.teacher_tau), mask)
-        ce = self.hard_label_term(student, batch, mask)
-        total = weighted_total([(cfg.ce_weight, ce), (cfg.kd_weight, kd)])
-        return {"loss": total, "ce": ce.detach(), "kd": kd.detach(), "wsl_weight": masked_mean(w, mask)}
+        return self.ce_kd_terms(self.hard_label_term(student, batch, mask), kd, wsl_weight=masked_mean(w, mask))
 
 
 def mined_mask(
@@ -95,11 +93,5 @@ class ConsistentKnowledgeMining(Loss):
         label_term = -(smoothed * F.log_softmax(student, dim=1)).sum(dim=1)
         kd_per_sample = kd_term(student, teacher, cfg.tau, cfg.kd_form, cfg.teacher_tau)
         kd = masked_mean(torch.where(mined, label_term, kd_per_sample), mask)
-        ce = masked_mean(hard_ce(student, labels, cfg.label_smoothing), mask)
-        total = weighted_total([(cfg.ce_weight, ce), (cfg.kd_weight, kd)])
-        return {
-            "loss": total,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "mined_frac": masked_mean(mined.to(student.dtype), mask),
-        }
+        ce = self.hard_label_term(student, batch, mask)
+        return self.ce_kd_terms(ce, kd, mined_frac=masked_mean(mined.to(student.dtype), mask))

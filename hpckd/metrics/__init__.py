@@ -4,7 +4,8 @@ One evaluation pass feeds :class:`Evaluator`; the functions compute the same qua
 analysis notebooks, reports and tests). Module map (one concern each):
 
 - :mod:`~hpckd.metrics.classification`: accuracy, NLL, entropy, train-val gap
-- :mod:`~hpckd.metrics.ensemble`: ensemble predictive distributions (mean of probabilities / of logits)
+- :mod:`~hpckd.metrics.ensemble`: float64 log-probabilities of a model or a teacher ensemble (the reductions of
+  :mod:`hpckd.teachers.ensemble`)
 - :mod:`~hpckd.metrics.fidelity`: top-1 agreement, predictive KL, independent-student baseline
 - :mod:`~hpckd.metrics.information`: mutual information of top-1 labels (+ Miller-Madow)
 - :mod:`~hpckd.metrics.calibration`: ECE and reliability diagrams

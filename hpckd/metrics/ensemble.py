@@ -1,14 +1,8 @@
-"""Teacher-ensemble predictive distributions for metrics.
+"""Log-probabilities for metrics: one model's (:func:`as_logprobs`) or a teacher ensemble's (:func:`ensemble_logprobs`).
 
-Two reductions appear in the reference studies:
-
-- ``"mean_probs"`` (default): the ensemble model average, ``z_t = log(1/m * sum_i softmax(z_i))`` -- the fidelity
-  study (Stanton et al. 2021, Sec. 3, "combined logits" of an m-component ensemble). It is the default because it
-  is the predictive distribution of the ensemble itself (a proper mixture), so fidelity, calibration and
-  agreement describe the model the student is asked to imitate; averaging logits is a product of experts whose
-  confidence differs from every member's.
-- ``"mean_logits"``: average the members' logits first, then softmax -- the attention study (Guo et al., Sec. 4.2:
-  "the logits or outputs of different teachers are first averaged and then computed with the student").
+The ensemble reductions (``metrics.ensemble``: ``mean_probs``, the default, or ``mean_logits``) are computed by
+:mod:`hpckd.teachers.ensemble`, the one implementation shared with the loss; its docstring gives the formulas and
+why metrics default to ``mean_probs``. Metrics compute them in float64.
 
 Everything here returns float64 log-probabilities; ``log_softmax`` is idempotent on log-probabilities, so
 downstream metrics accept either logits or log-probabilities.
@@ -16,14 +10,11 @@ downstream metrics accept either logits or log-probabilities.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-EnsembleMode = Literal["mean_probs", "mean_logits"]
-ENSEMBLE_MODES: tuple[str, ...] = ("mean_probs", "mean_logits")
+from hpckd.teachers.ensemble import ensemble_distribution
 
 
 def as_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -39,22 +30,12 @@ def as_logprobs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.log_softmax(x, dim=-1)
 
 
-def ensemble_logprobs(
-    members: Sequence[torch.Tensor] | torch.Tensor, mode: EnsembleMode = "mean_probs"
-) -> torch.Tensor:
+def ensemble_logprobs(members: Sequence[torch.Tensor] | torch.Tensor, mode: str = "mean_probs") -> torch.Tensor:
     """Log-probabilities (float64, (N, C)) of a teacher ensemble from its members' logits.
 
     Args:
         members: a sequence of (N, C) logits, one per teacher, or a stacked (M, N, C) tensor.
         mode: ``"mean_probs"`` (log of the mean softmax; fidelity study Sec. 3) or ``"mean_logits"``
-            (softmax of the mean logits; attention study Sec. 4.2).
+            (softmax of the mean logits; attention study Sec. 4.2). Anything else raises ``ValueError``.
     """
-    stacked = members if isinstance(members, torch.Tensor) else torch.stack(list(members))
-    if stacked.dim() != 3 or stacked.shape[0] == 0:
-        raise ValueError(f"expected M >= 1 member logits of shape (N, C), got shape {tuple(stacked.shape)}")
-    if mode == "mean_probs":
-        # log(mean_i p_i) = logsumexp_i(log p_i) - log M, computed stably in log space.
-        return torch.logsumexp(as_logprobs(stacked), dim=0) - math.log(stacked.shape[0])
-    if mode == "mean_logits":
-        return as_logprobs(stacked.double().mean(dim=0))
-    raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {ENSEMBLE_MODES}")
+    return as_logprobs(ensemble_distribution(members, mode, dtype=torch.float64))

@@ -34,16 +34,17 @@ class Job:
 
 TEACHER_ARCH = "resnet20"
 STUDENT_ARCH = "resnet8"
+TRAINING = ("data.batch_size=32", "optim.lr=0.05")  # small batches: more steps on a 1,500-image set
 
 
 def teacher_jobs(data_root: Path, epochs: int) -> list[Job]:
-    common = (f"data.root={data_root}", f"model.arch={TEACHER_ARCH}", f"optim.epochs={epochs}", "optim.lr=0.1")
+    common = (f"data.root={data_root}", f"model.arch={TEACHER_ARCH}", f"optim.epochs={epochs}", *TRAINING)
     return [Job("T1w", "train", common + ("aug=weak", "seed=1")), Job("T2s", "train", common + ("aug=strong", "seed=2"))]
 
 
 def student_jobs(data_root: Path, root: Path, epochs: int) -> list[Job]:
     teachers = f"teachers=[{{checkpoint: {root / 'runs/T1w/last.pt'}}},{{checkpoint: {root / 'runs/T2s/last.pt'}}}]"
-    common = (f"data.root={data_root}", f"model.arch={STUDENT_ARCH}", f"optim.epochs={epochs}", "optim.lr=0.1", "seed=3")
+    common = (f"data.root={data_root}", f"model.arch={STUDENT_ARCH}", f"optim.epochs={epochs}", *TRAINING, "seed=3")
     return [
         Job("T1wT2sSw", "distill", common + (teachers, "aug=weak", "loss.name=ensemble_kd", "loss.tau=4")),
         Job("T1wT2sSs", "distill", common + (teachers, "aug=strong", "loss.name=ensemble_kd", "loss.tau=4")),
@@ -102,7 +103,7 @@ def run_demo(out: str | os.PathLike, executor: str = "local", epochs_scale: floa
     student_epochs = max(1, round(12 * epochs_scale))
     print(f"[1/4] data: {data_root}")
     if not (data_root / "val").is_dir():
-        counts = write_imagefolder(data_root, SynthSpec(classes=10, per_class=100, val_per_class=30, seed=0))
+        counts = write_imagefolder(data_root, SynthSpec(classes=10, per_class=150, val_per_class=30, seed=0))
         print(f"  generated {counts['train']} train / {counts['val']} val JPEGs (10 classes, 32x32)")
     else:
         print("  already there")

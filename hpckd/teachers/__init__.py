@@ -1,32 +1,45 @@
 """Teachers: ensembles and inline serving (a logit store with view replay plugs in behind the same interface).
 
-* :mod:`~hpckd.teachers.ensemble` -- ``mean_logits`` / ``mean_probs`` / ``per_teacher_loss`` and the metrics
-  reduction (:class:`EnsembleConfig`).
+* :mod:`~hpckd.teachers.ensemble` -- the ensemble reductions ``mean_probs`` / ``mean_logits`` (and the
+  ``per_teacher_loss`` mode), shared by the loss and the metrics.
 * :mod:`~hpckd.teachers.serving` -- :class:`TeacherSet`: frozen teachers, inference mode, bf16 + channels_last on
   CUDA, optional ``torch.compile``, and ``teacher_parallel`` sharding across DDP ranks (:class:`ServingConfig`).
 * :mod:`~hpckd.teachers.shard` -- the collectives of teacher_parallel.
 * :mod:`~hpckd.teachers.source` -- :class:`TeacherSource`, the interface the training loop relies on.
+
+The serving names load on first use (PEP 562): :mod:`hpckd.losses` and :mod:`hpckd.metrics` import the ensemble
+maths from here, and should not pay for the model zoo (torchvision) that serving needs.
 """
 
-from hpckd.teachers.ensemble import (
-    ENSEMBLE_MODES,
-    EnsembleConfig,
-    combine,
-    ensemble_distribution,
-    mean_logits,
-    mean_probs,
-)
-from hpckd.teachers.serving import ServingConfig, Teacher, TeacherSet, freeze
-from hpckd.teachers.source import TeacherSource
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from hpckd.teachers.ensemble import ENSEMBLE_MODES, REDUCTIONS, ensemble_distribution, mean_logits, mean_probs
+
+_LAZY: dict[str, str] = {
+    "ServingConfig": "hpckd.teachers.serving",
+    "Teacher": "hpckd.teachers.serving",
+    "TeacherSet": "hpckd.teachers.serving",
+    "freeze": "hpckd.teachers.serving",
+    "TeacherSource": "hpckd.teachers.source",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hpckd.teachers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "ENSEMBLE_MODES",
-    "EnsembleConfig",
+    "REDUCTIONS",
     "ServingConfig",
     "Teacher",
     "TeacherSet",
     "TeacherSource",
-    "combine",
     "ensemble_distribution",
     "freeze",
     "mean_logits",

@@ -64,24 +64,15 @@ def exchange_all_to_all(
     ``outputs[k][j]`` is teacher k's (sizes[j], C) logits for rank j's chunk, for the teachers this rank owns.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = owned(rank, world, num_teachers)
+    mine, counts = owned(rank, world, num_teachers), _counts(world, num_teachers)
     send_parts = [outputs[k][j].reshape(-1) for j in range(world) for k in mine]
     send = torch.cat(send_parts) if send_parts else torch.empty(0, device=device)
     send_splits = [sizes[j] * len(mine) * num_classes for j in range(world)]
-    recv_splits = [sizes[rank] * len(owned(i, world, num_teachers)) * num_classes for i in range(world)]
+    recv_splits = [sizes[rank] * count * num_classes for count in counts]
     recv = torch.empty(sum(recv_splits), dtype=torch.float32, device=device)
     dist.all_to_all_single(recv, send.float(), recv_splits, send_splits, group=group)
-    return _unpack(recv, sizes[rank], world, num_teachers, num_classes)
-
-
-def _unpack(flat: torch.Tensor, n: int, world: int, num_teachers: int, num_classes: int) -> list[torch.Tensor]:
-    result: list[torch.Tensor | None] = [None] * num_teachers
-    offset = 0
-    for source in range(world):
-        for k in owned(source, world, num_teachers):
-            result[k] = flat[offset : offset + n * num_classes].view(n, num_classes)
-            offset += n * num_classes
-    return result  # type: ignore[return-value]
+    blocks = [part.view(count, sizes[rank], num_classes) for count, part in zip(counts, recv.split(recv_splits))]
+    return _by_teacher(blocks, num_teachers)
 
 
 def exchange_all_gather(
@@ -95,7 +86,7 @@ def exchange_all_gather(
     """Like :func:`exchange_all_to_all`, but every rank receives every teacher's logits for the whole global batch
     and keeps its own rows: W times the traffic, for backends or debugging where all-to-all is unavailable."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    slots = max(len(owned(i, world, num_teachers)) for i in range(world))
+    slots = max(_counts(world, num_teachers))
     total = sum(sizes)
     block = torch.zeros(slots, total, num_classes, dtype=torch.float32, device=device)
     for slot, k in enumerate(owned(rank, world, num_teachers)):
@@ -103,8 +94,18 @@ def exchange_all_gather(
     buffers = [torch.empty_like(block) for _ in range(world)]
     dist.all_gather(buffers, block, group=group)
     start = sum(sizes[:rank])
+    return _by_teacher([buf[:, start : start + sizes[rank]] for buf in buffers], num_teachers)
+
+
+def _counts(world: int, num_teachers: int) -> list[int]:
+    """How many teachers each rank runs."""
+    return [len(owned(rank, world, num_teachers)) for rank in range(world)]
+
+
+def _by_teacher(blocks: Sequence[torch.Tensor], num_teachers: int) -> list[torch.Tensor]:
+    """Teacher k's (n_local, C) logits, from one block per source rank whose slot j holds that rank's j-th teacher."""
     result: list[torch.Tensor] = [torch.empty(0)] * num_teachers
-    for source in range(world):
-        for slot, k in enumerate(owned(source, world, num_teachers)):
-            result[k] = buffers[source][slot, start : start + sizes[rank]]
+    for source, block in enumerate(blocks):
+        for slot, k in enumerate(owned(source, len(blocks), num_teachers)):
+            result[k] = block[slot]
     return result

@@ -1,47 +1,133 @@
-"""The one training loop: teachers (cross-entropy) and students (any KD loss) alike.
+"""The one training loop: teachers (cross-entropy) and students (any KD loss), on the DDP or DeepSpeed backend.
 
 ``run(cfg, mode)`` initialises the process group from whatever launched us (:func:`hpckd.dist.init`), builds
-loaders, model, teachers and loss, trains for ``optim.epochs``, evaluates exactly (every validation sample once
-across ranks) after each epoch, writes ``last.pt`` atomically after each epoch and ``results.json`` atomically at
-the end, and logs JSON lines to ``log.jsonl``. Rank 0 writes every file.
+loaders, model, teachers, loss and backend (:mod:`hpckd.train.backends`), resumes from the newest valid checkpoint
+of ``out_dir`` (``resume=auto``), trains for ``optim.epochs``, evaluates exactly (every validation sample once
+across ranks) after each epoch, and writes, atomically:
+
+* ``out_dir/checkpoints/step-XXXXXXXX(.pt)`` -- full training state after each epoch, every
+  ``train.checkpoint_every`` steps, and on a preemption signal (last ``train.keep_last`` kept);
+* ``out_dir/last.pt`` -- the final weights with arch and meta (what ``teachers[].checkpoint`` points at);
+* ``out_dir/results.json`` -- config, metrics, history, timings, versions (the same from both backends);
+* ``out_dir/log.jsonl`` -- JSON lines: start, step (loss terms, lr, images/s, memory), epoch, end events.
+
+Exact resume: the state holds model, optimizer, scheduler, scaler, every rank's RNG and loader position and the
+partial sums of the epoch, and the loaders' randomness never draws from the training RNG stream, so an interrupted
+and resumed run follows the uninterrupted trajectory step for step.
+
+Gradient accumulation: ``data.batch_size`` is the global batch of one optimizer step (the one ``optim.lr`` is for);
+each rank reads micro-batches of ``batch_size / (world_size * optim.accum_steps)``. An epoch has
+``floor(micro-batches / accum_steps)`` steps; a remainder of micro-batches is read but not trained on, as
+``drop_last`` does for an incomplete batch.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import importlib.metadata
+import os
 import platform
-import random
+import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from hpckd import dist
 from hpckd.config import to_container
 from hpckd.data.batch import STUDENT, Batch
-from hpckd.data.loaders import build_loaders
-from hpckd.errors import ConfigError, UserError
+from hpckd.data.loaders import Loaders, build_loaders
+from hpckd.errors import CheckpointError, ConfigError, DataError, UserError
 from hpckd.io import atomic_write_json
 from hpckd.losses import NonFiniteError, build_loss
 from hpckd.metrics.runner import evaluate
 from hpckd.models import create
-from hpckd.train.checkpoint import save_checkpoint
-from hpckd.train.optim import build_optimizer, build_scheduler
+from hpckd.train import rng
+from hpckd.train.backends import Backend, build_backend, prepare_model
+from hpckd.train.checkpoint import CheckpointStore, check_compatible, is_training_checkpoint, load_checkpoint, save_checkpoint
+from hpckd.train.monitor import JsonLogger, Scalars, Throughput, memory_stats, progress
+from hpckd.train.options import check_runtime
+from hpckd.train.precision import autocast
+from hpckd.train.preempt import PreemptionGuard, hand_over
+
+FORMAT = 1  # version of the training-state layout in checkpoints
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN/Inf; the last good checkpoint is left untouched."""
+    """The loss became NaN/Inf; nothing is saved over the last good checkpoint."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint so a resume continues the same bookkeeping."""
+
+    epoch: int = 0  # current epoch (== optim.epochs when finished)
+    step: int = 0  # optimizer steps taken in total
+    epoch_step: int = 0  # optimizer steps taken in the current epoch
+    micro: int = 0  # micro-batches trained on in the current epoch (for the epoch means)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # per loss term, over this epoch's micro-batches
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
+    train_s: float = 0.0
+    wall_s: float = 0.0  # wall time of the run up to the last checkpoint, over all sessions
+    images: int = 0  # training images seen (global)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["sums"] = {k: v.detach().cpu() for k, v in self.sums.items()}
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "Progress":
+        loaded = cls(**{k: copy.deepcopy(v) for k, v in state.items()})
+        loaded.sums = {k: v.to(device) for k, v in loaded.sums.items()}
+        return loaded
+
+    def add_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.micro += 1
+
+    def close_epoch(self) -> dict[str, float]:
+        """Epoch means of the loss terms (one host sync per epoch), and reset for the next epoch."""
+        means = {f"train_{k}": float(v) / max(self.micro, 1) for k, v in self.sums.items()}
+        self.sums, self.micro, self.epoch_step = {}, 0, 0
+        return means
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`_build`."""
+
+    cfg: Any
+    mode: str
+    info: dist.DistInfo
+    out_dir: Path
+    loaders: Loaders
+    teachers: Any
+    backend: Backend
+    loss_fn: Any
+    steps_per_epoch: int
+    store: CheckpointStore
+    logger: JsonLogger
+    scalars: Scalars
+    fingerprint: str
+    started: float = 0.0  # this session's start (time.time())
+    prior_wall_s: float = 0.0  # wall time of earlier sessions, up to the checkpoint resumed from
+
+    def wall_s(self) -> float:
+        return self.prior_wall_s + time.time() - self.started
+
+    @property
+    def accum(self) -> int:
+        return int(self.cfg.optim.accum_steps)
 
 
 def run(cfg, mode: str = "distill") -> dict[str, Any]:
@@ -49,67 +135,65 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
     if mode == "distill" and not cfg.teachers:
         raise ConfigError("distill needs at least one entry in 'teachers' (a checkpoint written by `hpckd train`)")
     info = dist.init(cfg.dist.device)
+    check_runtime(cfg, info.device)
     started = time.time()
-    seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    rng.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    r = _build(cfg, mode, info)
+    r.started = started
+    state = _resume(r)
+    prog = Progress.from_state(state["progress"], info.device) if state else Progress()
+    r.prior_wall_s = prog.wall_s
+    if state is not None:
+        prog.resumes.append({"from": state["path"], "epoch": prog.epoch, "step": prog.step, "time": round(time.time(), 3),
+                             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
+    _log_start(r, prog)
+    if state is not None:
+        _restore_loader(r, state)
+        rng.restore(state["rng"][info.rank])
+    try:
+        with PreemptionGuard(cfg.train.preempt_signals) as guard:
+            while prog.epoch < cfg.optim.epochs:
+                _train_epoch(r, prog, guard)
+                _end_epoch(r, prog)
+    finally:
+        r.scalars.close()
+    return _finish(r, prog)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _build(cfg, mode: str, info: dist.DistInfo) -> Run:
     out_dir = Path(cfg.out_dir)
     teacher_cfgs = list(cfg.teachers) if mode == "distill" else []
     teachers = _load_teachers([t.checkpoint for t in teacher_cfgs], info.device, cfg.serving) if teacher_cfgs else None
-    loaders = build_loaders(cfg, info, [t.aug for t in teacher_cfgs])
-    num_classes = loaders.num_classes
+    loaders = build_loaders(_micro_batch_cfg(cfg), info, [t.aug for t in teacher_cfgs])
     if teachers is not None:
-        teachers.check_num_classes(num_classes)
-    model = create(cfg.model.arch, num_classes, **cfg.model.kwargs).to(info.device)
+        teachers.check_num_classes(loaders.num_classes)
+    steps = len(loaders.train) // cfg.optim.accum_steps
+    if steps == 0:
+        raise DataError(f"an epoch has {len(loaders.train)} micro-batches per rank, fewer than optim.accum_steps="
+                        f"{cfg.optim.accum_steps}; lower optim.accum_steps or data.batch_size")
+    model = create(cfg.model.arch, loaders.num_classes, **cfg.model.kwargs)
     if cfg.model.weights:
         from hpckd.models import load_weights
 
         load_weights(model, cfg.model.weights, drop_head=cfg.model.drop_head)
-    ddp_model: nn.Module = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.distributed else model
-    loss_fn = build_loss(_loss_cfg(cfg, mode))
-    optimizer = build_optimizer(cfg.optim, model)
-    steps_per_epoch = len(loaders.train)
-    scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch)
+    backend = build_backend(cfg, prepare_model(model, cfg, info.device), info, steps)
+    warn = _warner(info, out_dir)
     logger = JsonLogger(out_dir / "log.jsonl" if info.is_main else None)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        logger.log({"event": "start", "mode": mode, "world_size": info.world_size, "launcher": info.launcher,
-                    "device": str(info.device), "train_samples": len(loaders.train_index), "val_samples": len(loaders.val_index)})
+    scalars = Scalars(out_dir / "tensorboard" if info.is_main and cfg.train.tensorboard else None)
+    return Run(cfg, mode, info, out_dir, loaders, teachers, backend, build_loss(_loss_cfg(cfg, mode)), steps,
+               CheckpointStore(out_dir / "checkpoints", warn), logger, scalars, loaders.train_index.fingerprint())
 
-    history: list[dict[str, Any]] = []
-    train_time = 0.0
-    step = 0
-    metrics: dict[str, float] = {}
-    for epoch in range(cfg.optim.epochs):
-        loaders.train.set_epoch(epoch)
-        t0 = time.time()
-        epoch_stats = train_one_epoch(ddp_model, loaders.train, teachers, loss_fn, optimizer, scheduler, epoch, step,
-                                      logger, cfg.log_every, info)
-        train_time += time.time() - t0
-        step += steps_per_epoch
-        metrics = evaluate(model, loaders.val, teachers, num_classes, cfg.metrics)
-        record = {"epoch": epoch, **epoch_stats, **{f"val_{k}": v for k, v in metrics.items()}}
-        history.append(record)
-        logger.log({"event": "epoch", **record})
-        if info.is_main:
-            save_checkpoint(out_dir / "last.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "arch": cfg.model.arch, "arch_kwargs": dict(cfg.model.kwargs), "num_classes": num_classes, "config": to_container(cfg), "epoch": epoch,
-                "meta": {"aug": cfg.aug, "mode": mode, "fingerprint": loaders.train_index.fingerprint(),
-                         "classes": loaders.train_index.classes, "val_acc": metrics.get("accuracy")},
-            })
-    images = steps_per_epoch * cfg.data.batch_size * cfg.optim.epochs
-    results = {
-        "name": cfg.name, "mode": mode, "config": to_container(cfg), "metrics": metrics, "history": history,
-        "timings": {"total_s": time.time() - started, "train_s": train_time,
-                    "train_images_per_s": images / train_time if train_time > 0 else None},
-        "data": {"train_fingerprint": loaders.train_index.fingerprint(), "val_fingerprint": loaders.val_index.fingerprint(),
-                 "classes": loaders.train_index.classes, "skipped_images": loaders.train_index.skipped + loaders.val_index.skipped},
-        "world_size": info.world_size, "launcher": info.launcher, "versions": versions(),
-    }
-    if info.is_main:
-        atomic_write_json(out_dir / "results.json", results)
-        logger.log({"event": "end", "val_accuracy": metrics.get("accuracy")})
-    dist.barrier()
-    return results
+
+def _micro_batch_cfg(cfg):
+    """The config the loaders see: the global batch of one micro-step (``data.batch_size / accum_steps``)."""
+    if cfg.optim.accum_steps == 1:
+        return cfg
+    micro = OmegaConf.create(to_container(cfg))
+    micro.data.batch_size = cfg.data.batch_size // cfg.optim.accum_steps
+    return micro
 
 
 def _load_teachers(checkpoints: list[str], device, serving):
@@ -126,57 +210,254 @@ def _loss_cfg(cfg, mode: str):
     return cfg.loss
 
 
-def train_one_epoch(model: nn.Module, loader, teachers, loss_fn, optimizer, scheduler, epoch: int, step: int,
-                    logger: "JsonLogger", log_every: int, info: dist.DistInfo) -> dict[str, float]:
-    model.train()
-    sums: dict[str, torch.Tensor] = {}
-    batches = 0
-    bar = _progress(loader, f"epoch {epoch}", info)
-    for batch in bar:
-        teacher_logits = teachers(batch) if teachers is not None else []
-        student_logits = model(batch.views[STUDENT])
+def _warner(info: dist.DistInfo, out_dir: Path):
+    def warn(message: str) -> None:
+        if info.is_main:
+            print(f"hpckd: warning: {message}", file=sys.stderr, flush=True)
+            JsonLogger(out_dir / "log.jsonl").log({"event": "warning", "message": message})
+
+    return warn
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+
+
+def _resume(r: Run) -> dict[str, Any] | None:
+    """Load the checkpoint to continue from (or none), check it fits this run, and restore the backend."""
+    cfg, info = r.cfg, r.info
+    if cfg.resume == "never":
+        if info.is_main:
+            r.store.clear()  # a fresh start: an old trajectory must not be resumed later
+        dist.barrier()
+        return None
+    path: Path | None = None
+    if cfg.resume == "auto":
+        if info.is_main:  # rank 0 decides (and warns), everybody loads the same one
+            found = r.store.latest_valid()
+            path = found[0].path if found else None
+        path = dist.broadcast_object(path)
+        if path is None:
+            return None
+    else:
+        path = Path(cfg.resume)
+    state = load_checkpoint(path)
+    if not is_training_checkpoint(state):
+        raise CheckpointError(f"{path} holds weights only, no training state; to start from these weights use "
+                              f"model.weights={path} instead of resume=")
+    check_compatible(path, state, to_container(cfg), info.world_size, r.backend.name, r.fingerprint)
+    r.backend.load(path, state)
+    state["path"] = str(path)
+    return state
+
+
+def _restore_loader(r: Run, state: dict[str, Any]) -> None:
+    """Mid-epoch: the loader continues at the saved batch; at an epoch boundary the next epoch starts fresh."""
+    progress = state["progress"]
+    if progress["epoch_step"] > 0 and progress["epoch"] < r.cfg.optim.epochs:
+        r.loaders.train.load_state_dict(state["loader"][r.info.rank])
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
+    cfg, info, backend = r.cfg, r.info, r.backend
+    if prog.epoch_step == 0:
+        r.loaders.train.set_epoch(prog.epoch)
+    backend.train()
+    global_batch = cfg.data.batch_size
+    meter, t0 = Throughput(), time.perf_counter()
+    micro_in_epoch = prog.epoch_step * r.accum  # micro-batches of this epoch already behind us
+    batches = progress(_rng_isolated(r.loaders.train), f"epoch {prog.epoch}", len(r.loaders.train) - micro_in_epoch, info.is_main)
+    try:
+        for batch in batches:
+            if prog.epoch_step == r.steps_per_epoch:
+                continue  # the remainder of micro-batches that does not fill a step (read, not trained on)
+            boundary = (micro_in_epoch + 1) % r.accum == 0
+            terms, stop = _micro_step(r, prog, batch, boundary, guard)
+            prog.add_terms(terms)
+            micro_in_epoch += 1
+            if not boundary:
+                continue
+            lr = backend.lr()  # the rate this step uses (the scheduler moves on in step())
+            backend.step()
+            prog.step += 1
+            prog.epoch_step += 1
+            prog.images += global_batch
+            meter.add(global_batch)
+            if info.is_main and cfg.log_every and prog.step % cfg.log_every == 0:
+                _log_step(r, prog, terms, lr, meter.rate())
+            if stop is not None:
+                _save(r, prog)
+                r.logger.log({"event": "preempted", "signal": signal.Signals(stop).name, "epoch": prog.epoch,
+                              "step": prog.step})
+                raise hand_over(guard, stop, info.rank, cfg.train.requeue,
+                                f"epoch {prog.epoch}, step {prog.step} ({r.store.folder})")
+            if cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0 and prog.epoch_step < r.steps_per_epoch:
+                _save(r, prog)
+    finally:
+        prog.train_s += time.perf_counter() - t0
+
+
+def _micro_step(r: Run, prog: Progress, batch: Batch, boundary: bool, guard: PreemptionGuard):
+    """Forward, loss, the all-rank check (non-finite loss? stop signal?), backward. Returns (terms, signal)."""
+    backend, precision, device = r.backend, r.cfg.train.precision, r.info.device
+    problem = ""
+    with backend.no_sync(boundary):
+        with autocast(precision, device):
+            teacher_logits = [t.float() for t in r.teachers(batch)] if r.teachers is not None else []
+        x = batch.views[STUDENT]
+        if r.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = backend.forward(x).float()
         try:
-            terms = loss_fn(student_logits, teacher_logits, batch)
+            terms = r.loss_fn(logits, teacher_logits, batch)
+            if not bool(torch.isfinite(terms["loss"].detach()).all()):
+                problem = f"loss is {terms['loss'].item()}"
         except NonFiniteError as exc:
-            raise TrainingDiverged(f"epoch {epoch}, step {step + batches}: {exc}; the last checkpoint was kept") from None
-        loss = terms["loss"]
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step + batches}; "
-                                   f"the last checkpoint was kept (lower optim.lr?)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-        batches += 1
-        if info.is_main and log_every and (step + batches) % log_every == 0:
-            logger.log({"event": "step", "step": step + batches, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                        **{k: float(v.detach()) for k, v in terms.items()}})
-    # One host sync per epoch, not per step.
-    return {f"train_{k}": float(v) / max(batches, 1) for k, v in sums.items()}
+            terms, problem = {}, str(exc)
+        # One tiny CPU all-reduce: every rank stops together, on a bad loss anywhere or a signal to any rank
+        # (the highest signal number wins, so all ranks hand over the same one).
+        bad, stop = dist.max_across_ranks([bool(problem), guard.requested or 0])
+        if bad:
+            where = f"epoch {prog.epoch}, step {prog.step + 1}"
+            detail = problem or "a non-finite loss on another rank"
+            raise TrainingDiverged(f"training diverged at {where}: {detail}; nothing was saved after the last good "
+                                   f"checkpoint (lower optim.lr, or use optim.clip_grad_norm)")
+        backend.backward(terms["loss"], boundary)
+    return terms, (stop or None)
 
 
-def _progress(loader, desc: str, info: dist.DistInfo):
-    if info.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
+def _rng_isolated(iterable: Iterable) -> Iterator:
+    """Iterate ``iterable`` with the CPU RNG forked around every ``next()``: whatever a loader draws (e.g. a
+    DataLoader's worker base seed when an iterator starts) never shifts the training RNG stream, so a run resumed
+    mid-epoch (new iterator) and an uninterrupted one (old iterator) see the same stream."""
+    it = None
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            if it is None:
+                it = iter(iterable)
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
 
-        return tqdm(loader, desc=desc, total=len(loader), leave=False)
-    return loader
+
+def _end_epoch(r: Run, prog: Progress) -> None:
+    """Evaluate, record the epoch, checkpoint."""
+    _sync_buffers(r.backend.module)
+    with _EvalForward(r.backend.module, r.cfg.train.precision, r.info.device) as model:
+        metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics)
+    record = {"epoch": prog.epoch, **prog.close_epoch(), **{f"val_{k}": v for k, v in metrics.items()}}
+    prog.history.append(record)
+    prog.metrics = dict(metrics)
+    prog.epoch += 1
+    r.logger.log({"event": "epoch", **record, "train_s": round(prog.train_s, 3), **memory_stats(r.info.device)})
+    r.scalars.add("epoch", record, prog.epoch)
+    _save(r, prog)
 
 
-class JsonLogger:
-    """JSON-lines log; appends one flushed line per record (rank 0 only; others pass ``None``)."""
+class _EvalForward(nn.Module):
+    """The bare model for evaluation, its forward under the training precision's autocast, logits in fp32."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, module: nn.Module, precision: str, device: torch.device) -> None:
+        super().__init__()
+        self.module, self.precision, self.device = module, precision, device
 
-    def log(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self.module(x).float()
+
+    def __enter__(self) -> "_EvalForward":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train()
+
+
+def _sync_buffers(module: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics everywhere (what DDP broadcasts at each forward, and what is saved), so
+    evaluation on every shard uses the same model."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or dist.info().world_size == 1:
+        return
+    for buf in module.buffers():
+        torch.distributed.broadcast(buf, src=0)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def _save(r: Run, prog: Progress) -> Path:
+    """A full checkpoint (collective: every rank's RNG and loader state are gathered), then keep-last-N."""
+    _sync_buffers(r.backend.module)
+    prog.wall_s = r.wall_s()
+    state = {
+        **_model_meta(r, prog),
+        "format": FORMAT, "backend": r.backend.name, "world_size": r.info.world_size, "trial": r.cfg.name,
+        "progress": prog.state_dict(),
+        "rng": dist.all_gather_object(rng.capture()),
+        "loader": dist.all_gather_object(r.loaders.train.state_dict()),
+    }
+    path = r.backend.save(r.store, prog.step, state, r.info.is_main)
+    dist.barrier()
+    if r.info.is_main:
+        r.store.prune(r.cfg.train.keep_last, prog.step)
+        r.logger.log({"event": "checkpoint", "path": str(path), "epoch": prog.epoch, "step": prog.step})
+    return path
+
+
+def _model_meta(r: Run, prog: Progress) -> dict[str, Any]:
+    cfg = r.cfg
+    return {
+        "arch": cfg.model.arch, "arch_kwargs": dict(cfg.model.kwargs), "num_classes": r.loaders.num_classes,
+        "config": to_container(cfg), "epoch": prog.epoch, "step": prog.step,
+        "meta": {"aug": cfg.aug, "mode": r.mode, "fingerprint": r.fingerprint, "classes": r.loaders.train_index.classes,
+                 "val_acc": prog.metrics.get("accuracy"), "epoch": prog.epoch, "step": prog.step, "trial": cfg.name},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def _log_start(r: Run, prog: Progress) -> None:
+    info = r.info
+    if not info.is_main:
+        return
+    r.out_dir.mkdir(parents=True, exist_ok=True)
+    r.logger.log({"event": "start", "mode": r.mode, "backend": r.backend.name, "precision": r.cfg.train.precision,
+                  "world_size": info.world_size, "launcher": info.launcher, "device": str(info.device),
+                  "train_samples": len(r.loaders.train_index), "val_samples": len(r.loaders.val_index),
+                  "steps_per_epoch": r.steps_per_epoch, "resumed_from": prog.resumes[-1] if prog.resumes else None})
+
+
+def _log_step(r: Run, prog: Progress, terms: dict[str, torch.Tensor], lr: float, images_per_s: float) -> None:
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    record = {"event": "step", "step": prog.step, "epoch": prog.epoch, "lr": lr, **values,
+              "images_per_s": round(images_per_s, 2), **memory_stats(r.info.device)}
+    r.logger.log(record)
+    r.scalars.add("train", {k: v for k, v in record.items() if k not in ("event", "step", "epoch")}, prog.step)
+
+
+def _finish(r: Run, prog: Progress) -> dict[str, Any]:
+    cfg, info = r.cfg, r.info
+    metrics = prog.metrics
+    results = {
+        "name": cfg.name, "mode": r.mode, "config": to_container(cfg), "metrics": metrics, "history": prog.history,
+        "timings": {"total_s": r.wall_s(), "train_s": prog.train_s,
+                    "train_images_per_s": prog.images / prog.train_s if prog.train_s > 0 else None},
+        "data": {"train_fingerprint": r.fingerprint, "val_fingerprint": r.loaders.val_index.fingerprint(),
+                 "classes": r.loaders.train_index.classes,
+                 "skipped_images": r.loaders.train_index.skipped + r.loaders.val_index.skipped},
+        "world_size": info.world_size, "launcher": info.launcher, "backend": r.backend.name,
+        "precision": cfg.train.precision, "steps": prog.step, "resumes": prog.resumes, "versions": versions(),
+    }
+    if info.is_main:
+        save_checkpoint(r.out_dir / "last.pt", {**_model_meta(r, prog), "model": r.backend.module.state_dict()})
+        atomic_write_json(r.out_dir / "results.json", results)
+        r.logger.log({"event": "end", "val_accuracy": metrics.get("accuracy"), "steps": prog.step})
+    dist.barrier()
+    return results
 
 
 def versions() -> dict[str, str]:
@@ -187,4 +468,8 @@ def versions() -> dict[str, str]:
             found[name] = getattr(module, "__version__", "?")
         except ImportError:
             pass
+    try:  # metadata only: importing DeepSpeed costs seconds (and a JIT build the first time)
+        found["deepspeed"] = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     return found

@@ -1,38 +1,102 @@
-"""Optimizers and per-step learning-rate schedules.
+"""Optimizers, parameter groups and per-step learning-rate schedules.
 
-``optim.lr`` is the learning rate for the configured *global* batch (``data.batch_size``); it is not rescaled
-when the world size changes, because the global batch stays the same (each rank gets batch_size / world_size).
+Learning rate and global batch
+------------------------------
+``optim.lr`` is the learning rate of the configured *global* batch ``data.batch_size`` (the images behind one
+optimizer step, summed over ranks and accumulation micro-batches). Changing the world size or ``optim.accum_steps``
+therefore changes nothing about the experiment. To move a recipe to another global batch, either set ``optim.lr``
+yourself or give the batch the recipe's LR was tuned for in ``optim.lr_reference_batch``; the LR (and
+``optim.min_lr``) are then scaled by the linear scaling rule of Goyal et al. 2017 ("Accurate, Large Minibatch SGD",
+Sec. 2.1): ``lr_used = lr * batch_size / lr_reference_batch``. Large scale-ups want ``optim.warmup_epochs`` too
+(their Sec. 2.2).
+
+Schedules (the multiplier is applied at every optimizer step, so decays are smooth within an epoch)
+-------------------------------------------------------------------------------------------------
+* warmup (Goyal et al. 2017, Sec. 2.2, "gradual warmup"): ``lr * (t + 1) / T_w`` for the first ``T_w`` steps.
+* cosine (Loshchilov & Hutter 2017, "SGDR", Eq. 5 without restarts):
+  ``eta_min + (eta_max - eta_min) * (1 + cos(pi * T_cur / T_max)) / 2``, ``eta_min = optim.min_lr``; the fidelity
+  study uses eta_max 0.05, eta_min 1e-4 for students, the attention study eta_min 0.
+* multistep: ``gamma ** k`` after the k-th milestone (epochs), e.g. the augmentation study's decay by 0.1 at epochs
+  150, 180, 210 of 240; or explicit factors per milestone (``optim.step_factors``), for the attention study's
+  lambda schedules (step_1, step_2, step_3) when the factors are not powers of one gamma.
+* constant.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+# Modules whose affine parameters are scale/shift of a normalisation, not weights of a linear map.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def scaled_lr(cfg, batch_size: int) -> tuple[float, float]:
+    """(lr, min_lr) after the optional linear scaling to the global batch (Goyal et al. 2017, Sec. 2.1)."""
+    factor = batch_size / cfg.lr_reference_batch if cfg.lr_reference_batch > 0 else 1.0
+    return cfg.lr * factor, cfg.min_lr * factor
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
+    """One group with ``weight_decay``, or two when norm parameters and biases are exempt from decay.
+
+    Exempting them is the "no bias decay" trick of He et al. 2019 ("Bag of Tricks", Sec. 3.1): decaying a
+    normalisation's scale or any bias only shrinks the function's offsets, it does not regularise a linear map.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not exclude_norm_bias or weight_decay == 0:
+        return [{"params": [p for _, p in trainable], "weight_decay": weight_decay}]
+    exempt = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for n, p in trainable if n.rsplit(".", 1)[-1] == "bias"}
+    decay = [p for _, p in trainable if id(p) not in exempt]
+    no_decay = [p for _, p in trainable if id(p) in exempt]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def build_optimizer(cfg, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`; ``batch_size`` is the global batch."""
+    lr, _ = scaled_lr(cfg, batch_size) if batch_size else (cfg.lr, cfg.min_lr)
+    groups = param_groups(model, cfg.weight_decay, cfg.wd_exclude_norm_bias)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (linear warmup, then the schedule)."""
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): warmup, then the schedule.
+
+    With ``min_lr > 0`` the cosine factor is ``r + (1 - r) * (1 + cos(pi * progress)) / 2`` with ``r = min_lr / lr``,
+    which is SGDR's Eq. 5 divided by eta_max.
+    """
     epoch = step / steps_per_epoch
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        total = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-        progress = min((epoch - cfg.warmup_epochs) / total, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        progress = min((epoch - cfg.warmup_epochs) / span, 1.0)
+        floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+        passed = sum(1 for m in cfg.milestones if epoch >= m)
+        if cfg.step_factors:
+            return 1.0 if passed == 0 else float(cfg.step_factors[passed - 1])
+        return cfg.gamma**passed
     return 1.0
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+    """A per-optimizer-step ``LambdaLR`` of :func:`lr_factor`; its state is just the step count (resumable).
+
+    The factor is a plain function on purpose: ``LambdaLR.state_dict`` stores the attributes of callable objects,
+    which would put the config into every checkpoint.
+    """
+
+    def factor(step: int) -> float:
+        return lr_factor(cfg, step, steps_per_epoch)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

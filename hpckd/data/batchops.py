@@ -1,0 +1,324 @@
+"""Batch operations on the device, after the loader: Mixup, CutMix, CutMixPick pools, the study's doubled batch
+and the half-image split. Each records what it did on ``batch.aug`` so a logit store can replay it.
+
+Entry point: :func:`apply_batch_ops` with a :class:`BatchOpsConfig` (embed it in the experiment config) and a
+seeded ``torch.Generator``; all randomness comes from that generator.
+
+Formulas:
+
+- Mixup (Zhang et al., ICLR 2018, Eq. 1): ``x' = lam * x_i + (1 - lam) * x_j``, ``lam ~ Beta(alpha, alpha)``,
+  j = a random permutation of the batch.
+- CutMix (Yun et al., ICCV 2019, Sec. 3.1 / Alg. A1): a box of side ``(H sqrt(1 - lam), W sqrt(1 - lam))`` centred at
+  a uniform pixel, clipped to the image, is pasted from x_j into x_i; ``lam`` is then corrected to the kept area,
+  ``lam = 1 - box_area / (H W)`` (Eq. 2's M has exactly that many zeros).
+- CutMixPick (Wang et al., NeurIPS 2022, Sec. 4.2): k CutMix runs over the batch form a pool of k*B samples; the
+  pool is scored (Eq. 11) and a fraction r kept by :func:`hpckd.losses.cutmixpick.select`.
+- Doubled batch (Wang et al., Sec. 4.1, Fig. 3b): the standard view x is kept and x' = scheme(x) appended;
+  ``batch.aug["doubled"]`` is True on the x' rows, which the ``kd_da`` loss trains with KL only.
+- Half-image split (attention study, Sec. 5.3 A/B test "hKD"): each image is cut into its left and right halves,
+  the left going to teacher 1 (``teacher0``) and the right to teacher 2 (``teacher1``); the student keeps the
+  whole image.
+
+Records (M = rows of x'; positions are rows of the batch before the op, ids are global sample ids):
+``aug[scheme] = {"source": (M,) rows x' was made from, "partner": (M,) rows mixed in, "partner_index": their
+sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top, left, bottom, right) pasted region,
+"pick": kept pool rows, "params": per-sample parameters of a follow-up policy}`` (only the keys that apply);
+``aug["doubled"]`` (N,) bool; ``aug["half_split"] = {"mode", "column"}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from hpckd.data.aug import DA_SCHEMES, followup_policy
+from hpckd.data.batch import STUDENT, Batch
+from hpckd.data.params import n_slots, params_from_uniforms
+from hpckd.data.render_torch import render, row
+from hpckd.errors import ConfigError
+
+SCHEMES = ("none",) + DA_SCHEMES
+HALF_MODES = ("none", "crop", "mask")
+DOUBLED = "doubled"  # the marker hpckd.losses.augmented reads
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+Scorer = Callable[[Batch], "tuple[torch.Tensor | None, torch.Tensor | None]"]
+
+
+@dataclass
+class BatchOpsConfig:
+    scheme: str = "none"  # none | identity | flip | flip_crop | cutout | autoaugment | randaugment | mixup | cutmix | cutmix_pick
+    doubled: bool = True  # Wang's protocol: keep x and append x' (marked); False replaces x by x'
+    mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 1.0
+    lam_per_sample: bool = False  # one lambda (and CutMix box size) per batch, as the original code; or per sample
+    half_split: str = "none"  # none | crop (half-width images) | mask (full size, other half black)
+
+    def validated(self) -> "BatchOpsConfig":
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"batch op scheme {self.scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+        if self.half_split not in HALF_MODES:
+            raise ConfigError(f"half_split {self.half_split!r} is unknown; choose one of {', '.join(HALF_MODES)}")
+        if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
+            raise ConfigError("mixup_alpha and cutmix_alpha must be > 0 (Beta(alpha, alpha) parameters)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- random draws
+
+
+def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``generator`` (numpy has Beta; torch's Beta takes no generator)."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+def draw_partners(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of the batch rows (the mixing partner of each row)."""
+    return torch.randperm(n, generator=generator)
+
+
+def draw_lambda(n: int, alpha: float, generator: torch.Generator, per_sample: bool) -> torch.Tensor:
+    """(n,) float32 lambdas ~ Beta(alpha, alpha): one value repeated, or one per sample."""
+    lam = _numpy_rng(generator).beta(alpha, alpha, size=n if per_sample else 1)
+    return torch.as_tensor(np.broadcast_to(lam, (n,)).copy(), dtype=torch.float32)
+
+
+def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Generator,
+                 per_sample: bool) -> torch.Tensor:
+    """(n, 4) int64 boxes (top, left, bottom, right) of CutMix: side sqrt(1 - lam) of the image, uniform centre,
+    clipped to the image (Yun et al. 2019, Alg. A1)."""
+    n = lam.numel()
+    k = n if per_sample else 1
+    ratio = torch.sqrt(1.0 - lam[:k].double())
+    cut_h, cut_w = (height * ratio).long(), (width * ratio).long()
+    cy = torch.randint(0, height, (k,), generator=generator)
+    cx = torch.randint(0, width, (k,), generator=generator)
+    top, bottom = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
+    left, right = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
+    return torch.stack([top, left, bottom, right], dim=1).expand(n, 4).clone()
+
+
+def box_lambda(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Lambda corrected to the box: the fraction of the image that keeps the source pixels."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return (1.0 - area.double() / (height * width)).float()
+
+
+# ------------------------------------------------------------------------------------------------ pixel ops
+
+
+def mixup(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lam * x + (1 - lam) * x[partner], per row."""
+    w = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return w * x + (1.0 - w) * x[partner.to(x.device)]
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(n, 1, H, W) bool, True inside each row's box."""
+    boxes = boxes.to(device)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_y = (rows[None, :] >= boxes[:, 0:1]) & (rows[None, :] < boxes[:, 2:3])
+    in_x = (cols[None, :] >= boxes[:, 1:2]) & (cols[None, :] < boxes[:, 3:4])
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
+
+
+def cutmix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """x with each row's box replaced by the same region of x[partner]."""
+    mask = box_mask(boxes, x.shape[-2], x.shape[-1], x.device)
+    return torch.where(mask, x[partner.to(x.device)], x)
+
+
+def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo the loader's normalisation: float (N, 3, H, W) -> uint8 pixels."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return ((x * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def followup(x: torch.Tensor, scheme: str, params: dict[str, np.ndarray], family: str, mean: Sequence[float],
+             std: Sequence[float]) -> torch.Tensor:
+    """x' = scheme(x) per sample with recorded parameters (identity: an exact copy)."""
+    if scheme == "identity":
+        return x.clone()
+    policy = followup_policy(scheme, family, x.shape[-1])
+    pixels = to_uint8(x, mean, std)
+    out = [render(pixels[i], policy, row(params, i), mean, std) for i in range(x.shape[0])]
+    return torch.stack(out).to(x.dtype)
+
+
+def draw_followup(n: int, scheme: str, family: str, size: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    if scheme == "identity":
+        return {}
+    policy = followup_policy(scheme, family, size)
+    u = torch.rand((n, n_slots(policy)), generator=generator, dtype=torch.float64).numpy()
+    return params_from_uniforms(policy, u, np.array([[size, size]]))
+
+
+# ------------------------------------------------------------------------------------------- batch assembly
+
+
+def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, doubled: bool) -> Batch:
+    """The batch with x' rows (``extra`` per view, made from rows ``source``) appended or substituted."""
+    dev = batch.labels.device
+    src = source.to(dev)
+    labels, index = batch.labels[src], batch.index[src]
+    valid = None if batch.valid is None else batch.valid[src]
+    aug = dict(batch.aug)
+    if not doubled:
+        return Batch(views=extra, labels=labels, index=index, epoch=batch.epoch, aug=aug, valid=valid)
+    n, m = batch.size, int(src.numel())
+    views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
+    marker = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(m, dtype=torch.bool)]).to(dev)
+    prev = aug.get(DOUBLED)
+    aug[DOUBLED] = marker if prev is None else torch.cat([torch.as_tensor(prev, device=dev), marker[n:]])
+    return Batch(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
+                 epoch=batch.epoch, aug=aug,
+                 valid=None if batch.valid is None else torch.cat([batch.valid, valid]))
+
+
+def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: fn(v) for k, v in batch.views.items()}
+
+
+def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -> Batch:
+    n = batch.size
+    partner = draw_partners(n, generator)
+    lam = draw_lambda(n, cfg.mixup_alpha, generator, cfg.lam_per_sample)
+    extra = _mix_views(batch, lambda x: mixup(x, partner, lam))
+    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    out.aug["mixup"] = _record(batch, torch.arange(n), partner, lam)
+    return out
+
+
+def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -> Batch:
+    n = batch.size
+    h, w = batch.views[STUDENT].shape[-2:]
+    partner, boxes, lam = _draw_cutmix(n, h, w, cfg, generator)
+    extra = _mix_views(batch, lambda x: cutmix(x, partner, boxes))
+    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    out.aug["cutmix"] = _record(batch, torch.arange(n), partner, lam, boxes)
+    return out
+
+
+def _draw_cutmix(n: int, h: int, w: int, cfg: BatchOpsConfig, generator: torch.Generator):
+    partner = draw_partners(n, generator)
+    drawn = draw_lambda(n, cfg.cutmix_alpha, generator, cfg.lam_per_sample)
+    boxes = cutmix_boxes(drawn, h, w, generator, cfg.lam_per_sample)
+    return partner, boxes, box_lambda(boxes, h, w)
+
+
+def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig, generator: torch.Generator) -> tuple[Batch, dict]:
+    """k CutMix runs of the batch stacked into a pool of k*B samples (CutMixPick's candidates).
+
+    The pool is a :class:`Batch` (views, source labels and ids) ready for scoring; the dict records each pool
+    row's source row, partner row, corrected lambda and box."""
+    n = batch.size
+    h, w = batch.views[STUDENT].shape[-2:]
+    parts, sources, partners, boxes_all, lams = [], [], [], [], []
+    for _ in range(runs):
+        partner, boxes, lam = _draw_cutmix(n, h, w, cfg, generator)
+        parts.append(_mix_views(batch, lambda x, p=partner, b=boxes: cutmix(x, p, b)))
+        sources.append(torch.arange(n))
+        partners.append(partner)
+        boxes_all.append(boxes)
+        lams.append(lam)
+    source = torch.cat(sources)
+    views = {k: torch.cat([p[k] for p in parts]) for k in batch.views}
+    dev = batch.labels.device
+    pool = Batch(views=views, labels=batch.labels[source.to(dev)], index=batch.index[source.to(dev)],
+                 epoch=batch.epoch, valid=None if batch.valid is None else batch.valid[source.to(dev)])
+    record = {"source": source, "partner": torch.cat(partners), "lam": torch.cat(lams), "box": torch.cat(boxes_all)}
+    return pool, record
+
+
+def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, scorer: Scorer | None,
+                      loss_cfg) -> Batch:
+    """CutMixPick: a pool of ``loss_cfg.pick_pool`` CutMix runs, scored by ``scorer`` (teacher and/or student
+    logits on the pool), rows kept by :func:`hpckd.losses.cutmixpick.select`."""
+    from hpckd.losses.cutmixpick import select
+
+    if scorer is None or loss_cfg is None:
+        raise ConfigError("batch op cutmix_pick needs a scorer (teacher/student logits on the pool) and the loss "
+                          "config (pick_pool, pick_ratio, pick_criterion, pick_order)")
+    pool, record = cutmix_pool(batch, int(loss_cfg.pick_pool), cfg, generator)
+    with torch.no_grad():
+        teacher_logits, student_logits = scorer(pool)
+    keep = select(teacher_logits, student_logits, loss_cfg).cpu()
+    extra = {k: v[keep.to(v.device)] for k, v in pool.views.items()}
+    out = _append(batch, extra, record["source"][keep], cfg.doubled)
+    out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
+                                     record["box"][keep], pick=keep)
+    return out
+
+
+def apply_followup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, family: str,
+                   mean: Sequence[float], std: Sequence[float]) -> Batch:
+    """A per-sample scheme (identity, flip, flip_crop, cutout, autoaugment, randaugment) applied after x."""
+    n = batch.size
+    size = batch.views[STUDENT].shape[-1]
+    params = draw_followup(n, cfg.scheme, family, size, generator)
+    extra = {k: followup(v, cfg.scheme, params, family, mean, std) for k, v in batch.views.items()}
+    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    out.aug[cfg.scheme] = {"source": torch.arange(n), "params": {k: torch.as_tensor(v) for k, v in params.items()}}
+    return out
+
+
+def half_split(batch: Batch, mode: str, mean: Sequence[float] = DEFAULT_MEAN,
+               std: Sequence[float] = DEFAULT_STD) -> Batch:
+    """Left half of every image to ``teacher0``, right half to ``teacher1`` (student unchanged).
+
+    ``crop`` gives half-width images (W // 2 and W - W // 2 columns); ``mask`` keeps the full size and paints the
+    other half black (in normalised units, -mean/std), for models that need a fixed input size."""
+    views = dict(batch.views)
+    width = batch.views[STUDENT].shape[-1]
+    column = width // 2
+    left, right = batch.view("teacher0"), batch.view("teacher1")
+    if mode == "crop":
+        views["teacher0"], views["teacher1"] = left[..., :column], right[..., column:]
+    elif mode == "mask":
+        black = (-torch.as_tensor(mean, dtype=left.dtype) / torch.as_tensor(std, dtype=left.dtype)).view(1, -1, 1, 1)
+        keep_left = (torch.arange(width) < column).view(1, 1, 1, -1)
+        views["teacher0"] = torch.where(keep_left.to(left.device), left, black.to(left.device))
+        views["teacher1"] = torch.where(keep_left.to(right.device), black.to(right.device), right)
+    else:
+        raise ConfigError(f"half_split {mode!r} is unknown; choose one of {', '.join(HALF_MODES)}")
+    aug = dict(batch.aug)
+    aug["half_split"] = {"mode": mode, "column": column}
+    return Batch(views=views, labels=batch.labels, index=batch.index, epoch=batch.epoch, aug=aug, valid=batch.valid)
+
+
+def _record(batch: Batch, source: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor,
+            boxes: torch.Tensor | None = None, pick: torch.Tensor | None = None) -> dict:
+    rec = {"source": source, "partner": partner, "partner_index": batch.index[partner.to(batch.index.device)].cpu(),
+           "lam": lam}
+    if boxes is not None:
+        rec["box"] = boxes
+    if pick is not None:
+        rec["pick"] = pick
+    return rec
+
+
+def apply_batch_ops(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, *, family: str = "cifar",
+                    mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
+                    scorer: Scorer | None = None, loss_cfg=None) -> Batch:
+    """Apply the configured scheme (doubling the batch unless ``cfg.doubled`` is False), then the half split.
+
+    ``family``, ``mean`` and ``std`` are the data config's (follow-up policies undo the normalisation to work on
+    pixels); ``scorer`` and ``loss_cfg`` are needed by ``cutmix_pick`` only."""
+    cfg = cfg.validated() if hasattr(cfg, "validated") else BatchOpsConfig(**dict(cfg)).validated()
+    if cfg.scheme == "mixup":
+        batch = apply_mixup(batch, cfg, generator)
+    elif cfg.scheme == "cutmix":
+        batch = apply_cutmix(batch, cfg, generator)
+    elif cfg.scheme == "cutmix_pick":
+        batch = apply_cutmix_pick(batch, cfg, generator, scorer, loss_cfg)
+    elif cfg.scheme != "none":
+        batch = apply_followup(batch, cfg, generator, family, mean, std)
+    if cfg.half_split != "none":
+        batch = half_split(batch, cfg.half_split, mean, std)
+    return batch

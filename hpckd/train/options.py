@@ -1,0 +1,64 @@
+"""Static checks of the training options (``optim``, ``dist``, ``train``, ``resume``), run when a config loads.
+
+Everything that can be judged from the config alone fails here, in the launching process, as one line; checks
+that need the machine (SyncBatchNorm without a GPU, TensorBoard not installed, the world size) run in
+:func:`check_runtime` once the process group exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+
+import torch
+
+from hpckd.errors import ConfigError
+
+ZERO_STAGES = (0, 1, 2)
+
+
+def check_options(cfg) -> None:
+    """Raise :class:`ConfigError` for inconsistent training options (config-only checks)."""
+    optim, dist, train = cfg.optim, cfg.dist, cfg.train
+    if optim.accum_steps < 1:
+        raise ConfigError(f"config: 'optim.accum_steps' is {optim.accum_steps}; use 1 (no accumulation) or more")
+    if cfg.data.batch_size % optim.accum_steps:
+        raise ConfigError(f"config: data.batch_size={cfg.data.batch_size} is not divisible by optim.accum_steps="
+                          f"{optim.accum_steps} (the global batch is split into accum_steps micro-batches)")
+    if optim.step_factors and len(optim.step_factors) != len(optim.milestones):
+        raise ConfigError(f"config: 'optim.step_factors' has {len(optim.step_factors)} entries but 'optim.milestones' "
+                          f"has {len(optim.milestones)}; give one LR factor per milestone")
+    if list(optim.milestones) != sorted(optim.milestones):
+        raise ConfigError(f"config: 'optim.milestones' must be increasing, got {list(optim.milestones)}")
+    for key in ("min_lr", "clip_grad_norm", "lr_reference_batch", "warmup_epochs"):
+        if optim[key] < 0:
+            raise ConfigError(f"config: 'optim.{key}' must be >= 0, got {optim[key]}")
+    if optim.min_lr > optim.lr:
+        raise ConfigError(f"config: 'optim.min_lr' ({optim.min_lr}) is above 'optim.lr' ({optim.lr})")
+    if dist.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"config: 'dist.zero_stage' is {dist.zero_stage}; DeepSpeed ZeRO stages 0, 1 or 2 are supported")
+    if dist.backend == "deepspeed" and train.precision == "fp16" and dist.zero_stage > 0:
+        raise ConfigError("config: dist.backend=deepspeed with train.precision=fp16 needs dist.zero_stage=0 "
+                          "(DeepSpeed's autocast loss scaler is ZeRO-0 only); use train.precision=bf16 with ZeRO 1/2")
+    if train.keep_last < 1:
+        raise ConfigError(f"config: 'train.keep_last' is {train.keep_last}; keep at least 1 checkpoint")
+    if train.checkpoint_every < 0:
+        raise ConfigError(f"config: 'train.checkpoint_every' must be >= 0 (0 = at epoch ends), got {train.checkpoint_every}")
+    for name in train.preempt_signals:
+        if not isinstance(getattr(signal, f"SIG{str(name).upper().removeprefix('SIG')}", None), signal.Signals):
+            raise ConfigError(f"config: 'train.preempt_signals' names an unknown signal {name!r} (e.g. USR2, TERM)")
+
+
+def check_runtime(cfg, device: torch.device) -> None:
+    """Checks that need the machine: raise :class:`ConfigError` with the fix."""
+    if cfg.dist.sync_bn and device.type != "cuda":
+        raise ConfigError("config: dist.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
+                          "set dist.sync_bn=false")
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("config: train.tensorboard=true but the tensorboard package is not installed: "
+                          "pip install tensorboard (or set train.tensorboard=false)")
+    if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config: train.precision=bf16 but this GPU has no bfloat16 support; use fp16 or fp32")
+    if cfg.dist.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("config: dist.backend=deepspeed but DeepSpeed is not installed: "
+                          "pip install --no-build-isolation deepspeed (or set dist.backend=ddp)")

@@ -1,0 +1,181 @@
+"""Batch ops against independent expectations: Mixup is the convex combination, CutMix's box area matches its
+lambda, CutMixPick keeps the highest-entropy pool rows, the doubled batch is marked, the half split halves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpckd.data.batch import Batch
+from hpckd.data.batchops import BatchOpsConfig, apply_batch_ops, to_uint8
+from hpckd.errors import ConfigError
+from hpckd.losses.augmented import augmented_half
+from hpckd.losses.config import LossConfig
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_batch(n=8, h=16, w=20, seed=0, teacher_view=False) -> Batch:
+    """Images of integer pixels (so pixel identities survive the uint8 round trip), normalised like a loader."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+    x = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    views = {"student": x}
+    if teacher_view:
+        views["teacher1"] = x.flip(-1).clone()
+    return Batch(views=views, labels=torch.arange(n) % 3, index=torch.arange(n) + 100, epoch=2)
+
+
+def gen(seed=0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_mixup_is_the_convex_combination_with_a_permuted_partner():
+    b = make_batch(teacher_view=True)
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="mixup", mixup_alpha=0.4, lam_per_sample=True), gen(1))
+    rec = out.aug["mixup"]
+    partner, lam = rec["partner"].numpy(), rec["lam"].numpy()
+    assert sorted(partner.tolist()) == list(range(8)) and ((lam > 0) & (lam < 1)).all() and len(set(lam.tolist())) == 8
+    for view in ("student", "teacher1"):
+        x = b.views[view].numpy()
+        expected = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[partner]
+        assert np.allclose(out.views[view][8:].numpy(), expected, atol=1e-6)
+        assert torch.equal(out.views[view][:8], b.views[view]), "the original half is kept as it was"
+    assert rec["partner_index"].tolist() == (partner + 100).tolist()
+
+
+def test_one_lambda_per_batch_by_default():
+    out = apply_batch_ops(make_batch(), BatchOpsConfig(scheme="mixup"), gen(2))
+    assert len(set(out.aug["mixup"]["lam"].tolist())) == 1
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cutmix_box_holds_the_partner_and_its_area_matches_lambda(per_sample):
+    h, w = 16, 20
+    b = make_batch(h=h, w=w)
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix", lam_per_sample=per_sample), gen(3))
+    rec = out.aug["cutmix"]
+    x, mixed = b.views["student"].numpy(), out.views["student"][8:].numpy()
+    for i in range(8):
+        top, left, bottom, right = rec["box"][i].tolist()
+        j = int(rec["partner"][i])
+        inside = np.zeros((h, w), bool)
+        inside[top:bottom, left:right] = True
+        assert np.array_equal(mixed[i][:, inside], x[j][:, inside])
+        assert np.array_equal(mixed[i][:, ~inside], x[i][:, ~inside])
+        # Yun et al.: lambda is the share of the image that keeps the source pixels
+        assert abs(float(rec["lam"][i]) - (1 - inside.sum() / (h * w))) < 1e-6
+    if not per_sample:
+        assert len({tuple(r) for r in rec["box"].tolist()}) == 1, "one box for the whole batch"
+
+
+def test_cutmix_box_side_is_sqrt_one_minus_lambda():
+    from hpckd.data.batchops import cutmix_boxes
+
+    lam = torch.full((2000,), 0.64)  # side ratio sqrt(0.36) = 0.6: 9 of 16 rows, 12 of 20 columns before clipping
+    boxes = cutmix_boxes(lam, 16, 20, gen(4), per_sample=True)
+    heights, widths = (boxes[:, 2] - boxes[:, 0]).numpy(), (boxes[:, 3] - boxes[:, 1]).numpy()
+    assert heights.max() == 2 * (int(16 * 0.6) // 2) and widths.max() == 2 * (int(20 * 0.6) // 2)
+    assert (heights <= 8).all() and (heights < 8).any(), "boxes near the border are clipped"
+
+
+def test_doubled_identity_appends_an_exact_copy_and_marks_it():
+    b = make_batch()
+    b.valid = torch.tensor([True] * 7 + [False])
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="identity"), gen())
+    assert torch.equal(out.views["student"], torch.cat([b.views["student"]] * 2))
+    assert out.aug["doubled"].tolist() == [False] * 8 + [True] * 8
+    assert out.labels.tolist() == b.labels.tolist() * 2 and out.index.tolist() == b.index.tolist() * 2
+    assert out.valid.tolist() == b.valid.tolist() * 2
+    assert augmented_half(out, 16, torch.device("cpu")).tolist() == [False] * 8 + [True] * 8, "the loss reads it"
+
+
+def test_not_doubled_replaces_the_batch():
+    b = make_batch()
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix", doubled=False), gen())
+    assert out.size == 8 and "doubled" not in out.aug and not torch.equal(out.views["student"], b.views["student"])
+
+
+def test_followup_flip_flips_the_standard_view():
+    b = make_batch()
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="flip"), gen(5))
+    flips = out.aug["flip"]["params"]["flip"].bool()
+    pixels, again = to_uint8(b.views["student"], MEAN, STD), to_uint8(out.views["student"][8:], MEAN, STD)
+    assert 0 < int(flips.sum()) < 8
+    assert torch.equal(again[flips], pixels[flips].flip(-1)) and torch.equal(again[~flips], pixels[~flips])
+
+
+def test_followup_cutout_blacks_out_the_recorded_square():
+    b = make_batch(h=32, w=32)
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutout"), gen(6))
+    pixels, again = to_uint8(b.views["student"], MEAN, STD), to_uint8(out.views["student"][8:], MEAN, STD)
+    for i, (top, left) in enumerate(out.aug["cutout"]["params"]["erase"].long().tolist()):
+        mask = torch.zeros(32, 32, dtype=torch.bool)
+        mask[max(0, top):max(0, top + 16), max(0, left):max(0, left + 16)] = True  # 16 px at 32 px (DeVries)
+        assert (again[i][:, mask] == 0).all() and torch.equal(again[i][:, ~mask], pixels[i][:, ~mask])
+
+
+def test_followup_autoaugment_records_a_program_and_changes_images():
+    b = make_batch(h=32, w=32)
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="autoaugment"), gen(7), family="cifar")
+    ops = out.aug["autoaugment"]["params"]["ops"]
+    assert ops.shape == (8, 2)
+    changed = (out.views["student"][8:] - b.views["student"]).abs().flatten(1).amax(1) > 1e-3
+    assert torch.equal(changed, (ops != 0).any(1)), "exactly the samples whose program is not identity change"
+
+
+def test_cutmix_pick_keeps_the_highest_entropy_pool_rows():
+    b = make_batch()
+    cfg = LossConfig(pick_pool=3, pick_ratio=0.5)
+    seen = {}
+
+    def scorer(pool: Batch):
+        # teacher logits whose entropy rises with the pool row's mean pixel: an independent, known ranking
+        seen["pool"] = pool
+        m = pool.views["student"].mean(dim=(1, 2, 3))
+        temperature = (m - m.min() + 0.1)[:, None]
+        return torch.arange(10.0)[None, :] / temperature, None
+
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix_pick"), gen(8), scorer=scorer, loss_cfg=cfg)
+    pool = seen["pool"]
+    assert pool.size == 24
+    logits = np.arange(10.0)[None, :] / (pool.views["student"].mean(dim=(1, 2, 3)).numpy() -
+                                        pool.views["student"].mean(dim=(1, 2, 3)).numpy().min() + 0.1)[:, None]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(1)
+    expected = np.argsort(-entropy, kind="stable")[:12]
+    rec = out.aug["cutmix_pick"]
+    assert sorted(rec["pick"].tolist()) == sorted(expected.tolist())
+    assert torch.allclose(out.views["student"][8:], pool.views["student"][rec["pick"]])
+    assert out.aug["doubled"].sum() == 12 and out.index[8:].tolist() == pool.index[rec["pick"]].tolist()
+
+
+def test_cutmix_pick_without_a_scorer_is_a_config_error():
+    with pytest.raises(ConfigError, match="scorer"):
+        apply_batch_ops(make_batch(), BatchOpsConfig(scheme="cutmix_pick"), gen())
+
+
+def test_half_split_gives_left_to_teacher0_and_right_to_teacher1():
+    b = make_batch(w=20, teacher_view=True)
+    out = apply_batch_ops(b, BatchOpsConfig(half_split="crop"), gen())
+    assert torch.equal(out.views["teacher0"], b.views["student"][..., :10])
+    assert torch.equal(out.views["teacher1"], b.views["teacher1"][..., 10:])
+    assert torch.equal(out.views["student"], b.views["student"])
+    masked = apply_batch_ops(b, BatchOpsConfig(half_split="mask"), gen())
+    black = to_uint8(masked.views["teacher0"][..., 10:], MEAN, STD)
+    assert (black == 0).all() and torch.equal(masked.views["teacher0"][..., :10], b.views["student"][..., :10])
+    assert (to_uint8(masked.views["teacher1"][..., :10], MEAN, STD) == 0).all()
+
+
+def test_same_seed_same_ops_other_seed_other_ops():
+    def run(seed):
+        return apply_batch_ops(make_batch(), BatchOpsConfig(scheme="cutmix"), gen(seed)).views["student"]
+
+    assert torch.equal(run(11), run(11)) and not torch.equal(run(11), run(12))
+
+
+def test_unknown_scheme_is_a_config_error():
+    with pytest.raises(ConfigError, match="scheme"):
+        apply_batch_ops(make_batch(), BatchOpsConfig(scheme="mixxup"), gen())
