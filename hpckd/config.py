@@ -112,6 +112,9 @@ class MetricsConfig(EvaluatorOptions):
     """Evaluation options (see :class:`hpckd.metrics.evaluator.EvaluatorOptions`) plus how "the teacher" is formed."""
 
     ensemble: str = "mean_probs"  # mean_probs | mean_logits; why mean_probs: see hpckd.teachers.ensemble
+    attention_iou: bool = True  # IoU of teacher 0's and teacher 1's class activation maps (attention study Eq. 1)
+    cam_target: str = "predicted"  # predicted | true | sum (sum over classes: the attention study's code)
+    cam_threshold: float = 0.4  # region = min-max normalised map >= threshold (0.4 in the attention study's code)
 
 
 @dataclass
@@ -148,6 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "dist.device": ("auto", "cpu", "cuda"),
     "metrics.ensemble": REDUCTIONS,
+    "metrics.cam_target": ("predicted", "true", "sum"),
 }
 
 

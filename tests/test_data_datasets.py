@@ -25,7 +25,6 @@ from hpckd.data.index import build_index, build_list_index
 from hpckd.data.longtail import long_tail_counts, long_tail_positions
 from hpckd.data.sharding import ShardSpec
 from hpckd.data.torch_loader import TorchLoader
-from hpckd.data.wds import load_wds
 from hpckd.errors import DataError
 
 CPU = torch.device("cpu")

@@ -81,3 +81,44 @@ def test_bad_state_is_a_user_error(synth_root):
     loader = make(TorchLoader, build_index(synth_root / "train"))
     with pytest.raises(DataError, match="epoch"):
         loader.load_state_dict({"step": 1})
+
+
+def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
+    """One rank: loaders from the experiment config, the sample ids it reads, gathered over real gloo."""
+    import json
+    import torch.distributed as tdist
+
+    from hpckd.config import load_config
+    from hpckd.data.loaders import build_loaders
+    from hpckd.dist import DistInfo
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = load_config(None, [f"data.root={root}", "data.batch_size=32", "data.eval_batch_size=12",
+                             "data.num_workers=1", "aug=weak", "data.index_cache=off"])
+    loaders = build_loaders(cfg, DistInfo(rank=rank, world_size=2))
+    loaders.train.set_epoch(1)
+    mine = {"train": [i for b in loaders.train for i in b.index.tolist()],
+            "val": [i for b in loaders.val for i in b.index.tolist()], "steps": len(loaders.train)}
+    gathered = [None, None]
+    tdist.all_gather_object(gathered, mine)
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump(gathered, handle)
+    tdist.destroy_process_group()
+
+
+def test_two_real_ranks_shard_training_and_cover_evaluation_exactly_once(synth_root, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ids.json"
+    mp.spawn(_two_rank_worker, args=(port, str(synth_root), str(out)), nprocs=2, join=True)
+    r0, r1 = json.loads(out.read_text())
+    assert r0["steps"] == r1["steps"] == 192 // 2 // 16 and len(r0["train"]) == len(r1["train"]) == 96
+    assert not set(r0["train"]) & set(r1["train"]), "training shards are disjoint"
+    assert sorted(r0["val"] + r1["val"]) == list(range(40)), "every validation sample exactly once"

@@ -21,6 +21,8 @@ def teacher_ckpts(synth_root, tmp_path_factory):
         proc = run_hpckd("train", f"data.root={synth_root}", f"out_dir={out / name}", f"aug={aug}", "model.arch=resnet8",
                          "optim.epochs=5", "data.batch_size=16", "data.num_workers=1")
         assert proc.returncode == 0, proc.stderr
+        teacher = json.loads((out / name / "results.json").read_text())
+        assert teacher["metrics"]["accuracy"] > 1.0 / NUM_CLASSES + 0.25, (name, teacher["metrics"])
         paths.append(out / name / "last.pt")
     return paths
 

@@ -49,9 +49,17 @@ def geometry(img: torch.Tensor, policy: Policy, p: Mapping[str, np.ndarray]) -> 
 
 
 def jitter(img: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
-    """Colour jitter with fixed order brightness, contrast, saturation (torchvision draws a random order)."""
+    """Colour jitter in the fixed order brightness, contrast, saturation (torchvision draws a random order).
+
+    Brightness b and contrast c about the grey mean m of the input (ITU-R 601 luma, as PIL) in one step,
+    ``b * (m + c * (x - m))``, rounded and clamped once, as DALI's ``fn.brightness_contrast`` does (torchvision
+    clamps after the brightness step too, which only matters for pixels that saturate)."""
     b, c, s = (float(v) for v in factors)
-    return F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(img, b), c), s)
+    x = img.to(torch.float32)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(3, 1, 1)
+    m = (x * weights).sum(0).mean()
+    y = (b * (m + c * (x - m))).round().clamp(0, 255).to(torch.uint8)
+    return F.adjust_saturation(y, s)
 
 
 def apply_op(img: torch.Tensor, name: str, mag: float) -> torch.Tensor:

@@ -100,6 +100,6 @@ def decode_rgb(data: np.ndarray, encoded: bool, where: str = "image") -> np.ndar
         return np.ascontiguousarray(data)
     try:
         with Image.open(io.BytesIO(memoryview(data))) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy wants one
     except Exception as exc:
         raise DataError(f"cannot decode {where} ({type(exc).__name__})") from None

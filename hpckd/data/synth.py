@@ -1,9 +1,10 @@
 """Generated ImageFolder data sets with class-dependent content.
 
-A class is a (foreground shape, background stripe orientation, colour band) combination chosen to survive the
+A class is a (foreground shape, background stripe orientation) combination chosen to survive the
 studies' augmentations: shapes and stripe orientation (horizontal vs vertical) survive flips, small rotations,
 crops, colour jitter and AutoAugment/RandAugment's colour operations (inversion, solarise, posterise), which would
-wipe out a purely colour-coded class. The colour band only separates classes beyond 2 x the number of shapes.
+wipe out a purely colour-coded class. The foreground hue follows the class too (a cue that is quick to learn but
+that colour augmentations break), so weakly and strongly augmented models learn different mixtures of cues.
 Per-image position, size, colours, stripe frequency/phase/contrast and noise vary, so the task is learnable but
 not trivial. The output is a standard ``ROOT/{train,val}/class_XXX/NNNNN.jpg`` tree that DALI's file reader and
 torchvision's ImageFolder both read.
@@ -36,10 +37,10 @@ class SynthSpec:
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 
 
-def class_style(c: int, classes: int) -> tuple[int, int, int]:
-    """(shape id, stripe orientation 0 horizontal / 1 vertical, colour band) of class ``c``."""
-    n = len(SHAPES)
-    return c % n, (c // n) % 2, c // (2 * n)
+def class_style(c: int) -> tuple[int, int]:
+    """(shape id, stripe orientation 0 horizontal / 1 vertical) of class ``c``."""
+    # Orientation varies fastest, so even a 2- or 4-class set has a cue next to the shape.
+    return (c // 2) % len(SHAPES), c % 2
 
 
 def shape_mask(shape: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -60,15 +61,16 @@ def shape_mask(shape: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
 def render(c: int, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     """One HxWx3 uint8 image of class ``c``."""
     h, w = spec.height, spec.width
-    shape, orientation, band = class_style(c, spec.classes)
-    bands = max(1, -(-spec.classes // (2 * len(SHAPES))))
+    shape, orientation = class_style(c)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     coord = yy / h if orientation == 0 else xx / w
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2.5, 4.5) * coord + rng.uniform(0, 2 * np.pi))
     contrast = rng.uniform(0.35, 0.75)
     background = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.2, 0.8), rng.uniform(0.5, 1.0)))
     img = background[None, None, :] * (1.0 - contrast + contrast * stripes[..., None])
-    fg_hue = (band + rng.uniform(0.1, 0.9)) / bands if bands > 1 else rng.uniform(0, 1)
+    # The foreground hue is a second, redundant class cue: quick to learn, but colour augmentations
+    # (inversion, solarise, colour) break it, so strongly augmented models must lean on the shape.
+    fg_hue = (c + rng.uniform(-0.2, 0.2)) / spec.classes
     foreground = np.array(colorsys.hsv_to_rgb(fg_hue % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
     r = rng.uniform(0.22, 0.34) * min(h, w)
     cy, cx = rng.uniform(0.38, 0.62) * h, rng.uniform(0.38, 0.62) * w

@@ -11,24 +11,51 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from hpckd.data.batch import STUDENT
+from hpckd.metrics.attention import IoUAccumulator, class_activation_maps
 from hpckd.metrics.ensemble import ensemble_logprobs
 from hpckd.metrics.evaluator import Evaluator
+from hpckd.models.hooks import cam_features, has_cam
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, teachers, num_classes: int, metrics_cfg) -> dict[str, float]:
-    """Exact metrics over the whole split: sufficient statistics are all-reduced across ranks."""
+    """Exact metrics over the whole split: sufficient statistics are all-reduced across ranks.
+
+    With two or more CNN teachers (run inline on this rank), also the IoU of teacher 0's and teacher 1's class
+    activation maps (attention study Eq. 1; ``metrics.cam_target``, ``metrics.cam_threshold``), as
+    ``teacher_iou`` (mean of per-image IoUs), ``teacher_iou_pooled`` and ``teacher_iou_batch_pooled``.
+    """
     from hpckd.config import evaluator_options  # the config imports this package
 
     model.eval()
     evaluator = Evaluator(num_classes, evaluator_options(metrics_cfg))
+    iou = IoUAccumulator(threshold=metrics_cfg.cam_threshold) if _cam_teachers(teachers, metrics_cfg) else None
     for batch in loader:
         logits = model(batch.views[STUDENT])
         teacher = None
         if teachers is not None:
             teacher = ensemble_logprobs(teachers(batch), mode=metrics_cfg.ensemble)
         evaluator.update(logits, batch.labels, teacher_logits=teacher, valid=batch.valid)
-    return evaluator.compute()
+        if iou is not None:
+            maps = [_teacher_cam(t, batch, metrics_cfg.cam_target) for t in teachers.teachers[:2]]
+            iou.update(maps[0], maps[1], valid=batch.valid)
+    metrics = evaluator.compute()
+    if iou is not None:
+        metrics.update({f"teacher_{k}": v for k, v in iou.compute().items()})
+    return metrics
+
+
+def _cam_teachers(teachers, metrics_cfg) -> bool:
+    """Teacher CAM-IoU applies to >= 2 CNN teachers with a CAM (not VGG's MLP head, not ViT) run on this rank."""
+    if teachers is None or not metrics_cfg.attention_iou or len(teachers.teachers) < 2:
+        return False
+    return all(t.model is not None and has_cam(t.model) for t in teachers.teachers[:2])
+
+
+def _teacher_cam(teacher, batch, target: str) -> torch.Tensor:
+    features, weight, bias = cam_features(teacher.model, batch.view(teacher.role))
+    return class_activation_maps(features.float(), weight.float(), None if bias is None else bias.float(),
+                                 target=target, labels=batch.labels)
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "val", augmented: bool = False,

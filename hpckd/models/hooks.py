@@ -98,6 +98,15 @@ def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return trunk(x), head.weight, head.bias
 
 
+def has_cam(model: nn.Module) -> bool:
+    """Whether :func:`cam_features` applies (a CNN whose linear classifier reads globally pooled features)."""
+    try:
+        _cam_parts(unwrap(model))
+    except UserError:
+        return False
+    return True
+
+
 def forward_with_attentions(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(logits, per-block attention probabilities (N, heads, T, T)) of a model built on nn.MultiheadAttention.
 
