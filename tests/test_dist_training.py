@@ -8,6 +8,9 @@
   trains. It must write a checkpoint at the next step, requeue itself, resume on its own when SLURM restarts it,
   and finish with exactly the uninterrupted run's result. That job's tasks also show ``hpckd.dist.init()`` under
   ``srun -n 2``.
+* A submitit job (:class:`hpckd.train.job.TrainJob`, ``Checkpointable``) gets the same signal: the loop
+  checkpoints at the step boundary and hands over to submitit's handler, which requeues it; the requeued job
+  resumes and returns the uninterrupted run's result.
 
 The SLURM test needs the live cluster of ``slurm/with_cluster.sh`` and fails (never skips) without it. This file is
 also the job's entry point (see the bottom): it arranges the preemption signal, then runs the ``hpckd`` command.
@@ -22,15 +25,23 @@ import sys
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 
+from hpckd.config import load_config
+from hpckd.sweep.executor import make_executor
+from hpckd.train import engine
 from hpckd.train.checkpoint import CheckpointStore, load_checkpoint
+from hpckd.train.job import TrainJob
 from tests.conftest import REPO, run_hpckd
+
+# submitit jobs unpickle PreemptingTrainJob below; ship this module by value so they need not import it.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOB_TIMEOUT_S = 420.0  # bound on the whole SLURM job (two runs and a requeue) on a loaded 2-core machine
 POLL_S = 0.5
-EPOCHS, STEPS_PER_EPOCH = 6, 12  # 192 training images / global batch 16
+EPOCHS, STEPS_PER_EPOCH = 3, 12  # 192 training images / global batch 16
 
 
 def job_args(data_root: Path, out: Path, *extra: str) -> list[str]:
@@ -80,8 +91,8 @@ def test_ddp_and_deepspeed_learn_the_same_job_and_report_alike(ddp_run, ds_run):
         assert (res["backend"], res["world_size"], res["launcher"], res["precision"]) == (backend, 2, "torchrun", "bf16")
         assert res["steps"] == EPOCHS * STEPS_PER_EPOCH
         first, last = res["history"][0]["train_loss"], res["history"][-1]["train_loss"]
-        assert last < 0.9 * first, (first, last)  # learning: the training loss falls clearly
-        assert res["metrics"]["accuracy"] >= 0.35 and res["metrics"]["count"] == 40  # chance is 0.25
+        assert last < 0.8 * first, (first, last)  # learning: the training loss falls clearly
+        assert res["metrics"]["accuracy"] >= 0.5 and res["metrics"]["count"] == 40  # chance is 0.25
     # One results file, one log format, whatever the backend.
     assert ddp.keys() == ds.keys() and ddp["timings"].keys() == ds["timings"].keys()
     ddp_log, ds_log = read_log(ddp_out), read_log(ds_out)
@@ -100,7 +111,7 @@ def test_deepspeed_checkpoint_folder_is_complete_and_loadable(ds_run):
     out, _ = ds_run
     store = CheckpointStore(out / "checkpoints")
     entries = store.entries()
-    assert [e.step for e in entries][-2:] == [64, 72]  # keep_last=2: the step-64 save and the final epoch's
+    assert [e.step for e in entries] == [32, 36]  # keep_last=2: the step-32 save and the final epoch's
     folder = entries[-1].path
     names = {p.name for p in folder.iterdir()}
     assert {"hpckd_state.pt", "mp_rank_00_model_states.pt"} <= names
@@ -139,6 +150,20 @@ def wait_for(job_id: str, done, what: str, deadline: float) -> dict[str, str]:
         time.sleep(POLL_S)
 
 
+def wait_for_requeue_and_end(job_id: str, output: Path) -> dict[str, str]:
+    """Wait for the job to be requeued, release SLURM's hold on it, and wait for the requeued run to end."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    finished = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    requeued = lambda f: int(f.get("Restarts", 0)) >= 1 and f["JobState"] != "COMPLETING"  # noqa: E731
+    first = wait_for(job_id, lambda f: requeued(f) or f["JobState"] in finished, "the requeue", deadline)
+    tail = output.read_text()[-4000:] if output.is_file() else "(no output)"
+    assert requeued(first), f"the job ended {first['JobState']} without being requeued:\n{tail}"
+    # SLURM holds a requeued job for cred_expire (120 s by default) before it may start again; release it now.
+    if first["JobState"] == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    return wait_for(job_id, lambda f: f["JobState"] in finished, "the end of the requeued run", deadline)
+
+
 def test_preempted_slurm_job_requeues_and_finishes_like_the_uninterrupted_run(synth_root, ds_run, tmp_path):
     require_cluster()
     out = tmp_path / "run"
@@ -156,16 +181,7 @@ srun --kill-on-bad-exit=1 {sys.executable} {Path(__file__).resolve()} {args}
 """)
     job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True,
                             cwd=tmp_path).stdout.strip().split(";")[0]
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    finished = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    first = wait_for(job_id, lambda f: int(f.get("Restarts", 0)) >= 1 or f["JobState"] in finished,
-                     "the requeue", deadline)
-    assert int(first.get("Restarts", 0)) >= 1, f"the job ended {first['JobState']} without being requeued:\n" + \
-        (tmp_path / "job.out").read_text()[-4000:]
-    # SLURM holds a requeued job for cred_expire (120 s by default) before it may start again; release it now.
-    if first["JobState"] == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    last = wait_for(job_id, lambda f: f["JobState"] in finished, "the end of the requeued run", deadline)
+    last = wait_for_requeue_and_end(job_id, tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert last["JobState"] == "COMPLETED", log[-4000:]
 
@@ -179,6 +195,35 @@ srun --kill-on-bad-exit=1 {sys.executable} {Path(__file__).resolve()} {args}
     assert len(preempted) == 1 and preempted[0]["signal"] == "SIGUSR2" and preempted[0]["step"] == resume["step"]
     assert [r["event"] for r in events].count("start") == 2
     assert_same_training(ds_run, (out, results))
+
+
+class PreemptingTrainJob(TrainJob):
+    """A :class:`TrainJob` whose first run gets SIGUSR2 from SLURM while it trains (see :func:`_arrange_preemption`)."""
+
+    def __call__(self):
+        torch.set_num_threads(1)  # as in the test process (conftest): the same float reduction order
+        _arrange_preemption()
+        return super().__call__()
+
+
+def test_submitit_train_job_is_checkpointed_requeued_and_resumed(synth_root, tmp_path):
+    require_cluster()
+    common = ["model.arch=resnet8", "aug=none", "data.loader=torch", "data.num_workers=0", "data.batch_size=16",
+              "data.eval_batch_size=20", "optim.epochs=3", "optim.lr=0.02", "log_every=4", f"data.root={synth_root}"]
+    out = tmp_path / "run"
+    executor = make_executor("slurm", tmp_path / "submitit", timeout_min=15, cpus_per_task=1)
+    job = executor.submit(PreemptingTrainJob("train", None, [*common, f"out_dir={out}"]))
+    # The uninterrupted reference, in this process, while the job runs.
+    ref = engine.run(load_config(None, [*common, f"out_dir={tmp_path / 'ref'}"]), mode="train")
+    last = wait_for_requeue_and_end(job.job_id, job.paths.stderr)
+    assert last["JobState"] == "COMPLETED", job.paths.stderr.read_text()[-4000:]
+    result = job.result()  # what TrainJob returned in the requeued run
+    (resume,) = result["resumes"]
+    assert resume["slurm_restart_count"] == "1" and 3 <= resume["step"] < result["steps"] == 36
+    assert "submitit requeues the job" in job.paths.stderr.read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["launcher"] == "submitit" and results["metrics"] == result["metrics"]
+    assert_same_training((tmp_path / "ref", ref), (out, results))
 
 
 def _arrange_preemption() -> None:

@@ -120,3 +120,27 @@ def test_inconsistent_options_are_one_line_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_global_batch_must_split_over_accumulation_and_ranks():
+    from hpckd.train.options import check_batch_split
+
+    check_batch_split(64, 2, 4)  # 64 = 2 micro-batches x 4 ranks x 8 images
+    with pytest.raises(ConfigError, match=r"data.batch_size=48 does not split into optim.accum_steps=4 micro-batches "
+                                          r"on 8 processes; use a multiple of 32"):
+        check_batch_split(48, 4, 8)
+
+
+def test_deepspeed_config_is_explicit():
+    from hpckd.train.backends import deepspeed_config
+
+    cfg = load_config(None, ["data.batch_size=64", "optim.accum_steps=2", "dist.backend=deepspeed", "dist.zero_stage=2",
+                             "train.precision=bf16"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0 if we left it out
+    assert ds["zero_optimization"] == {"stage": 2} and ds["zero_allow_untested_optimizer"] is True
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in ds and "fp16" not in ds  # parameters and BatchNorm buffers stay fp32
+    fp32 = deepspeed_config(load_config(None, ["dist.backend=deepspeed", "optim.clip_grad_norm=5"]), world_size=1)
+    assert "zero_optimization" not in fp32 and "torch_autocast" not in fp32 and fp32["gradient_clipping"] == 5.0

@@ -232,3 +232,45 @@ def test_fp16_with_scaler_and_channels_last_resumes_exactly(data_root, tmp_path)
     resumed = engine.run(config(data_root, tmp_path / "resumed", *extra), mode="train")
     assert resumed["resumes"][0]["step"] == 3 and resumed["precision"] == "fp16"
     assert_same_run(ref, resumed, tmp_path / "ref", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["dist.sync_bn=true"], "SyncBatchNorm does not run on CPU"),
+    (["train.tensorboard=true"], "pip install tensorboard"),
+])
+def test_machine_dependent_options_fail_early_with_the_fix(data_root, tmp_path, overrides, fragment):
+    import importlib.util
+
+    from hpckd.errors import ConfigError
+
+    if "train.tensorboard=true" in overrides:
+        assert importlib.util.find_spec("tensorboard") is None, "this check is about a machine without tensorboard"
+    with pytest.raises(ConfigError, match=fragment):
+        engine.run(config(data_root, tmp_path, "dist.device=cpu", *overrides), mode="train")
+    assert not tmp_path.joinpath("log.jsonl").exists()  # nothing started
+
+
+@pytest.mark.parametrize("sig, requeue_attempted", [(signal.SIGUSR2, True), (signal.SIGTERM, False)])
+def test_only_sigusr2_requeues_a_slurm_job(data_root, tmp_path, monkeypatch, capsys, sig, requeue_attempted):
+    """Inside a SLURM job (SLURM_JOB_ID set) SIGUSR2 makes rank 0 run `scontrol requeue`; SIGTERM never does (a
+    preempted job is requeued by SLURM itself, a cancelled one must stay cancelled). Without scontrol on PATH the
+    attempt shows as a failed requeue in the message."""
+    real, calls = engine._micro_step, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_micro_step", signalled)
+    monkeypatch.setenv("SLURM_JOB_ID", "987654")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-such-bin"))
+    with pytest.raises(SystemExit) as stopped:
+        engine.run(config(data_root, tmp_path, "optim.epochs=1"), mode="train")
+    assert stopped.value.code == 128 + sig
+    err = capsys.readouterr().err
+    assert f"hpckd: preempted by {signal.Signals(sig).name}: checkpoint written at epoch 0, step 2" in err
+    assert ("`scontrol requeue 987654` failed" in err) is requeue_attempted
+    assert ("rerun the same command to resume" in err) is not requeue_attempted
+    assert [e.step for e in CheckpointStore(tmp_path / "checkpoints").entries()] == [2]

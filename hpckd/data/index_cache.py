@@ -33,9 +33,14 @@ def folder_key(root: Path, classes: list[str], on_bad_image: str) -> dict:
             "mtimes": mtimes}
 
 
+OFF = ("off", "false", "no", "none", "")
+
+
 def cache_paths(root: Path, cache: str | None) -> list[Path]:
     """Candidate cache files, most preferred first."""
-    if cache in (None, "off", ""):
+    # YAML (and so OmegaConf's command-line parser) reads a bare `off` / `no` as false, which a str field stores
+    # as "False": every spelling of "no cache" means no cache, never a folder named False.
+    if cache is None or str(cache).strip().lower() in OFF:
         return []
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     if cache != "auto":

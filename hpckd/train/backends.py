@@ -175,8 +175,19 @@ def _import_deepspeed(device: torch.device):
     import deepspeed
 
     for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _ExpectedWarnings) for f in logger.filters):
+            logger.addFilter(_ExpectedWarnings())
     return deepspeed
+
+
+class _ExpectedWarnings(logging.Filter):
+    """Drops DeepSpeed's warning about a ZeRO "untested optimizer": SGD is our deliberate choice (the studies'
+    optimizer), allowed with ``zero_allow_untested_optimizer``; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
 
 
 class DeepSpeedBackend(Backend):

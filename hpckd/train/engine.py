@@ -51,7 +51,7 @@ from hpckd.train import rng
 from hpckd.train.backends import Backend, build_backend, prepare_model
 from hpckd.train.checkpoint import CheckpointStore, check_compatible, is_training_checkpoint, load_checkpoint, save_checkpoint
 from hpckd.train.monitor import JsonLogger, Scalars, Throughput, memory_stats, progress
-from hpckd.train.options import check_runtime
+from hpckd.train.options import check_batch_split, check_runtime
 from hpckd.train.precision import autocast
 from hpckd.train.preempt import PreemptionGuard, hand_over
 
@@ -167,6 +167,7 @@ def _build(cfg, mode: str, info: dist.DistInfo) -> Run:
     out_dir = Path(cfg.out_dir)
     teacher_cfgs = list(cfg.teachers) if mode == "distill" else []
     teachers = _load_teachers([t.checkpoint for t in teacher_cfgs], info.device, cfg.serving) if teacher_cfgs else None
+    check_batch_split(cfg.data.batch_size, cfg.optim.accum_steps, info.world_size)
     loaders = build_loaders(_micro_batch_cfg(cfg), info, [t.aug for t in teacher_cfgs])
     if teachers is not None:
         teachers.check_num_classes(loaders.num_classes)
@@ -244,6 +245,9 @@ def _resume(r: Run) -> dict[str, Any] | None:
     if not is_training_checkpoint(state):
         raise CheckpointError(f"{path} holds weights only, no training state; to start from these weights use "
                               f"model.weights={path} instead of resume=")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has training-state format {state.get('format')}, this hpckd reads {FORMAT}; "
+                              f"resume it with the hpckd version that wrote it, or start over with resume=never")
     check_compatible(path, state, to_container(cfg), info.world_size, r.backend.name, r.fingerprint)
     r.backend.load(path, state)
     state["path"] = str(path)
@@ -287,6 +291,8 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
             meter.add(global_batch)
             if info.is_main and cfg.log_every and prog.step % cfg.log_every == 0:
                 _log_step(r, prog, terms, lr, meter.rate())
+                if hasattr(batches, "set_postfix"):  # the terminal's progress bar
+                    batches.set_postfix(loss=f"{float(terms['loss']):.4f}", lr=f"{lr:.3g}", refresh=False)
             if stop is not None:
                 _save(r, prog)
                 r.logger.log({"event": "preempted", "signal": signal.Signals(stop).name, "epoch": prog.epoch,
@@ -347,7 +353,7 @@ def _rng_isolated(iterable: Iterable) -> Iterator:
 def _end_epoch(r: Run, prog: Progress) -> None:
     """Evaluate, record the epoch, checkpoint."""
     _sync_buffers(r.backend.module)
-    with _EvalForward(r.backend.module, r.cfg.train.precision, r.info.device) as model:
+    with _EvalForward(r.backend.module, r.cfg.train, r.info.device) as model:
         metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics)
     record = {"epoch": prog.epoch, **prog.close_epoch(), **{f"val_{k}": v for k, v in metrics.items()}}
     prog.history.append(record)
@@ -359,13 +365,17 @@ def _end_epoch(r: Run, prog: Progress) -> None:
 
 
 class _EvalForward(nn.Module):
-    """The bare model for evaluation, its forward under the training precision's autocast, logits in fp32."""
+    """The bare model for evaluation, fed like in training (autocast of the training precision, channels-last
+    inputs when asked), logits in fp32."""
 
-    def __init__(self, module: nn.Module, precision: str, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, train_cfg, device: torch.device) -> None:
         super().__init__()
-        self.module, self.precision, self.device = module, precision, device
+        self.module, self.precision, self.device = module, train_cfg.precision, device
+        self.channels_last = bool(train_cfg.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device):
             return self.module(x).float()
 

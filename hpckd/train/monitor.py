@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
@@ -51,13 +51,13 @@ class Scalars:
             self.writer.close()
 
 
-def progress(iterable: Iterable, desc: str, total: int, enabled: bool) -> Iterator:
+def progress(iterable: Iterable, desc: str, total: int, enabled: bool) -> Iterable:
     """A tqdm bar on rank 0 when stderr is a terminal (never in log files or CI), else the plain iterable."""
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 
-        return iter(tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True))
-    return iter(iterable)
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return iterable
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:

@@ -49,6 +49,13 @@ def check_options(cfg) -> None:
             raise ConfigError(f"config: 'train.preempt_signals' names an unknown signal {name!r} (e.g. USR2, TERM)")
 
 
+def check_batch_split(batch_size: int, accum_steps: int, world_size: int) -> None:
+    """The global batch must split evenly into ``accum_steps`` micro-batches over ``world_size`` ranks."""
+    if batch_size % (accum_steps * world_size):
+        raise ConfigError(f"data.batch_size={batch_size} does not split into optim.accum_steps={accum_steps} "
+                          f"micro-batches on {world_size} processes; use a multiple of {accum_steps * world_size}")
+
+
 def check_runtime(cfg, device: torch.device) -> None:
     """Checks that need the machine: raise :class:`ConfigError` with the fix."""
     if cfg.dist.sync_bn and device.type != "cuda":

@@ -27,6 +27,8 @@ import threading
 from types import FrameType
 from typing import Any, Sequence
 
+from hpckd.dist import barrier
+
 
 class Preempted(SystemExit):
     """Training stopped at a step boundary after a preemption signal; the checkpoint is written.
@@ -78,10 +80,12 @@ class PreemptionGuard:
 
 
 def hand_over(guard: PreemptionGuard, signum: int, rank: int, requeue: bool, where: str) -> Preempted:
-    """After the preemption checkpoint: chain to the previous handler or requeue, and return the exit to raise."""
+    """After the preemption checkpoint: chain to the previous handler or requeue, and return the exit to raise.
+
+    Our handlers stay until the exit leaves the guard's ``with`` block: the SIGTERM that SLURM sends a job it
+    requeues must not kill a rank before every rank is through here."""
     name = signal.Signals(signum).name
     previous = guard.previous_handler(signum)
-    guard.__exit__()  # our handlers go; from here on a second signal acts normally
     if callable(previous) and requeue:
         # submitit's handler: on rank 0 it checkpoints the pickled call, requeues the job and exits (SystemExit).
         message = f"preempted by {name}: checkpoint written at {where}; submitit requeues the job"
@@ -93,6 +97,8 @@ def hand_over(guard: PreemptionGuard, signum: int, rank: int, requeue: bool, whe
         outcome = _scontrol_requeue(os.environ["SLURM_JOB_ID"])
     message = f"preempted by {name}: checkpoint written at {where}; {outcome}"
     _announce(rank, message)
+    # Nobody exits before rank 0 has requeued: with `srun --kill-on-bad-exit` the first rank to exit ends the step.
+    barrier()
     return Preempted(signum, message)
 
 
