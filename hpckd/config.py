@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from hpckd.errors import ConfigError
+from hpckd.data.batchops import BatchOpsConfig
 from hpckd.losses.config import LossConfig
 from hpckd.metrics.evaluator import EvaluatorOptions
 from hpckd.teachers.ensemble import REDUCTIONS
@@ -130,6 +131,7 @@ class Experiment:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)  # how teachers run (inline / teacher_parallel)
+    batch_ops: BatchOpsConfig = field(default_factory=BatchOpsConfig)  # Mixup/CutMix/CutMixPick, doubled batch, half split
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_every: int = 20  # steps between JSON-lines log records
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -237,6 +239,7 @@ def check_choices(cfg: DictConfig) -> None:
     LossConfig(**OmegaConf.to_container(cfg.loss)).validated()
     try:
         ServingConfig(**OmegaConf.to_container(cfg.serving))
+        BatchOpsConfig(**OmegaConf.to_container(cfg.batch_ops)).validated()
         evaluator_options(cfg.metrics)
     except ValueError as exc:
         raise ConfigError(f"config: {exc}") from None

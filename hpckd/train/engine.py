@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -41,6 +42,7 @@ from torch import nn
 from hpckd import dist
 from hpckd.config import to_container
 from hpckd.data.batch import STUDENT, Batch
+from hpckd.data.batchops import apply_batch_ops
 from hpckd.data.loaders import Loaders, build_loaders
 from hpckd.errors import CheckpointError, ConfigError, DataError, UserError
 from hpckd.io import atomic_write_json
@@ -309,6 +311,7 @@ def _micro_step(r: Run, prog: Progress, batch: Batch, boundary: bool, guard: Pre
     """Forward, loss, the all-rank check (non-finite loss? stop signal?), backward. Returns (terms, signal)."""
     backend, precision, device = r.backend, r.cfg.train.precision, r.info.device
     problem = ""
+    batch = _apply_batch_ops(r, prog, batch)
     with backend.no_sync(boundary):
         with autocast(precision, device):
             teacher_logits = [t.float() for t in r.teachers(batch)] if r.teachers is not None else []
@@ -332,6 +335,32 @@ def _micro_step(r: Run, prog: Progress, batch: Batch, boundary: bool, guard: Pre
                                    f"checkpoint (lower optim.lr, or use optim.clip_grad_norm)")
         backend.backward(terms["loss"], boundary)
     return terms, (stop or None)
+
+
+def _apply_batch_ops(r: Run, prog: Progress, batch: Batch) -> Batch:
+    """Mixup / CutMix / CutMixPick / the augmentation study's doubled batch / the half-image split, on the device.
+
+    The generator is seeded from (seed, epoch, step in epoch, rank), so a resumed run draws exactly what an
+    uninterrupted one would, without carrying RNG state."""
+    ops = r.cfg.batch_ops
+    if ops.scheme == "none" and ops.half_split == "none":
+        return batch
+    generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([r.cfg.seed, prog.epoch, prog.epoch_step, r.info.rank]).generate_state(1)[0]))
+    data = r.cfg.data
+    return apply_batch_ops(batch, ops, generator, family=data.family, mean=data.mean, std=data.std,
+                           scorer=lambda pool: _pick_scores(r, pool), loss_cfg=r.cfg.loss)
+
+
+@torch.no_grad()
+def _pick_scores(r: Run, pool: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(teacher ensemble logits, student logits) on a CutMixPick pool; the student only when the criterion needs it."""
+    from hpckd.losses.cutmixpick import needs_student
+    from hpckd.teachers.ensemble import ensemble_distribution
+
+    teacher = ensemble_distribution(r.teachers(pool)) if r.teachers is not None else None
+    student = r.backend.forward(pool.views[STUDENT]).float() if needs_student(r.cfg.loss) else None
+    return teacher, student
 
 
 def _rng_isolated(iterable: Iterable) -> Iterator:
