@@ -70,7 +70,7 @@ def render(c: int, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     img = background[None, None, :] * (1.0 - contrast + contrast * stripes[..., None])
     # The foreground hue is a second, redundant class cue: quick to learn, but colour augmentations
     # (inversion, solarise, colour) break it, so strongly augmented models must lean on the shape.
-    fg_hue = (c + rng.uniform(-0.2, 0.2)) / spec.classes
+    fg_hue = (c + rng.uniform(-0.6, 0.6)) / spec.classes  # neighbouring classes overlap: colour alone is not enough
     foreground = np.array(colorsys.hsv_to_rgb(fg_hue % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
     r = rng.uniform(0.22, 0.34) * min(h, w)
     cy, cx = rng.uniform(0.38, 0.62) * h, rng.uniform(0.38, 0.62) * w
