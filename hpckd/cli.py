@@ -16,13 +16,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 data.loader=torch")
 
 
-def _load(args) -> "object":
-    from hpckd.config import load_config
-
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]  # `hpckd train optim.lr=0.1` without a file
-    return load_config(config, overrides)
+    return config, overrides
+
+
+def _load(args) -> "object":
+    from hpckd.config import load_config
+
+    return load_config(*_config_and_overrides(args))
 
 
 def _relaunch_if_needed(cfg, argv: Sequence[str]) -> int | None:
@@ -71,6 +75,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "top1_agreement", "predictive_kl")
                               if k in metrics)
             print(f"eval {key}: {shown} (n={int(metrics['count'])})")
+    dist.shutdown()
+    return 0
+
+
+def _cmd_efficient(args: argparse.Namespace) -> int:
+    from hpckd import dist
+    from hpckd.sweep.stages import run_efficient_distillation
+
+    results = run_efficient_distillation(*_config_and_overrides(args), args.strong_teacher, args.epochs)
+    if dist.info().is_main:
+        for r in results:
+            print(f"{r['name']}: val accuracy {r['metrics']['accuracy']:.3f}")
     dist.shutdown()
     return 0
 
@@ -138,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a student from the teachers of a config")
     _add_config_args(p)
     p.set_defaults(func=_cmd_run("distill"))
+
+    p = sub.add_parser("distill-efficient", help="Efficient Distillation (response-based study): WSL stage, then CKM with a stronger teacher")
+    _add_config_args(p)
+    p.add_argument("--strong-teacher", required=True, help="checkpoint of the stronger teacher used in stage 2")
+    p.add_argument("--epochs", type=int, default=300, help="total epochs, split 4:1 between the stages")
+    p.set_defaults(func=_cmd_efficient)
 
     p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")
     p.add_argument("checkpoint")

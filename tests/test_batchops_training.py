@@ -31,3 +31,21 @@ def test_doubled_batch_distillation_runs_kd_on_both_halves(synth_root, teacher, 
     # kd_da reports the augmented half's KL separately; it exists only if the batch really was doubled and marked
     assert epoch["train_kd_aug"] > 0 and epoch["train_kd"] > 0 and epoch["train_ce"] > 0
     assert results["metrics"]["count"] == 40
+
+
+def test_efficient_distillation_runs_two_stages_with_the_swapped_teacher(synth_root, teacher, tmp_path):
+    """Response-based study Sec. 5.2: stage 1 WSL from the weak teacher; stage 2 starts from stage 1's student,
+    distils the strong teacher with consistent knowledge mining, lr 0.05 -> 5e-4, weight decay 0."""
+    strong = teacher  # any checkpoint of the same architecture; the test checks the wiring, not the gain
+    out = tmp_path / "eff"
+    proc = run_hpckd("distill-efficient", f"data.root={synth_root}", f"out_dir={out}", f"teachers=[{{checkpoint: {teacher}}}]",
+                     "model.arch=resnet8", "data.batch_size=16", "data.num_workers=1", "data.loader=torch",
+                     "--strong-teacher", str(strong), "--epochs", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.loads((out / "stage1" / "results.json").read_text())["config"]
+    two = json.loads((out / "stage2" / "results.json").read_text())["config"]
+    assert one["loss"]["name"] == "wsl" and one["optim"]["lr"] == 0.5 and one["optim"]["weight_decay"] == 4e-5
+    assert two["loss"]["name"] == "ckm" and two["loss"]["teacher_tau"] == 0.7 and two["loss"]["tau"] == 1.0
+    assert two["optim"]["lr"] == 0.05 and two["optim"]["weight_decay"] == 0.0 and two["optim"]["min_lr"] == 5e-4
+    assert two["model"]["weights"] == str(out / "stage1" / "last.pt")
+    assert one["optim"]["epochs"] + two["optim"]["epochs"] == 2

@@ -48,7 +48,7 @@ from hpckd.data import autoaug
 from hpckd.data.aug import Policy, resize_for_center_crop
 from hpckd.data.batch import Batch
 from hpckd.data.params import sample_params, view_key
-from hpckd.data.sharding import ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
+from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
 from hpckd.data.sources import Source, as_source, decode_rgb
 from hpckd.errors import DataError
 
@@ -313,7 +313,7 @@ def build_pipeline(feeder: BatchFeeder, views: dict[str, Policy], *, encoded: bo
     return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0, prefetch_queue_depth=2)
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Iterates :class:`Batch` objects from a DALI pipeline; one pass = one epoch.
 
     The order of a pass comes from :func:`hpckd.data.sharding.epoch_order` and the parameters from
@@ -352,22 +352,6 @@ class DaliLoader:
         self.device = device
         self.steps_per_epoch = steps_per_epoch(len(self.source), shard, batch_size, train)
         self.state = ResumableEpochs()
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.state.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
 
     def _start_pass(self, epoch: int, start: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -87,3 +87,27 @@ class ResumableEpochs:
         start, self._start = self._start, 0
         self.step = start
         return start
+
+
+class EpochLoader:
+    """The loader API the training loop uses (length, epochs, resumable position), shared by the DALI and torch
+    loaders; a subclass sets ``self.state`` (a :class:`ResumableEpochs`) and ``self.steps_per_epoch``."""
+
+    state: ResumableEpochs
+    steps_per_epoch: int
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.state.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)

@@ -22,7 +22,7 @@ from hpckd.data.aug import Policy
 from hpckd.data.batch import Batch
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.render_torch import render
-from hpckd.data.sharding import ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
+from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
 from hpckd.data.sources import as_source, decode_rgb
 
 
@@ -69,7 +69,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return max(0, len(self._order()) - self.start * self.b)
 
 
-class TorchLoader:
+class TorchLoader(EpochLoader):
     """Iterates :class:`Batch` objects; ``len`` = steps per epoch; ``state_dict``/``load_state_dict`` resume exactly.
 
     ``batch.aug[view]`` holds the view's parameters (tensors, one row per sample) for replay.
@@ -89,22 +89,6 @@ class TorchLoader:
         self.device = device
         self.steps_per_epoch = steps_per_epoch(len(source), shard, batch_size, train)
         self.state = ResumableEpochs()
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.state.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.state.begin_pass()
