@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hpckd.data.sources import ArraySource
+from hpckd.data.index import LabelledIndex
 from hpckd.errors import DataError
 
 LAYOUT = {
@@ -31,7 +32,7 @@ LAYOUT = {
 
 
 @dataclass
-class ArrayIndex:
+class ArrayIndex(LabelledIndex):
     """An in-memory data set with the attributes loaders and results use (like :class:`FolderIndex`)."""
 
     root: Path
@@ -41,13 +42,6 @@ class ArrayIndex:
     files_hash: str  # hash of the batch files' names, sizes and mtimes
     skipped: list[str] = field(default_factory=list)
     subset: np.ndarray | None = None  # positions kept from the full split (long-tailed subsets)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def source(self) -> ArraySource:

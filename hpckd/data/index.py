@@ -36,8 +36,22 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BAD_IMAGE_CHOICES = ("error", "skip")
 
 
+class LabelledIndex:
+    """What every data-set index shares (folder, CIFAR arrays, WebDataset shards): ``labels`` and ``classes``."""
+
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 @dataclass
-class FolderIndex:
+class FolderIndex(LabelledIndex):
     root: Path
     classes: list[str]
     files: list[str]  # absolute paths
@@ -45,13 +59,6 @@ class FolderIndex:
     skipped: list[str] = field(default_factory=list)  # "path: problem" of what on_bad_image="skip" dropped
     stats: list[tuple[int, int]] | None = None  # (size, mtime_ns) per file when indexed; None = stat on demand
     _fingerprint: str | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def source(self) -> FileSource:

@@ -28,6 +28,7 @@ import numpy as np
 
 from hpckd.data.sharding import ShardSpec, shard_range, steps_per_epoch
 from hpckd.data.sources import image_size
+from hpckd.data.index import LabelledIndex
 from hpckd.errors import DataError
 from hpckd.io import atomic_open, atomic_write_json, atomic_write_text
 
@@ -84,7 +85,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 
 
 @dataclass
-class WdsIndex:
+class WdsIndex(LabelledIndex):
     """A sharded data set with the attributes loaders and results use (like :class:`FolderIndex`)."""
 
     root: Path
@@ -94,13 +95,6 @@ class WdsIndex:
     offsets: np.ndarray
     source_fingerprint: str
     skipped: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def source(self) -> "WdsSource":
