@@ -7,7 +7,8 @@ Measured, in one run, for the policies ``weak`` (RandomResizedCrop + flip + colo
 RandAugment n=2, m=10) of the imagenet family:
 
 - ``dali``: :class:`hpckd.data.dali.DaliLoader` (``device='mixed'`` nvJPEG decoding and GPU augmentation when a
-  GPU is visible; CPU pipeline otherwise) with ``--threads`` DALI threads;
+  GPU is visible; CPU pipeline otherwise) with ``--threads`` DALI threads and ``--read-ahead`` batches read ahead
+  on a background thread (default: the loader's; 0 reads in DALI's callback on the training thread);
 - ``hpckd-torch``: :class:`hpckd.data.torch_loader.TorchLoader` (torchvision-v2 functional ops from recorded
   parameters, ``--threads`` DataLoader workers);
 - ``torchvision``: the stock baseline, ``torchvision.datasets.ImageFolder`` + ``transforms.v2.Compose`` in a
@@ -83,15 +84,19 @@ def torchvision_loader(root: Path, strength: str, crop: int, batch: int, workers
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
-def hpckd_loader(kind: str, root: Path, strength: str, crop: int, batch: int, threads: int, device: torch.device):
+def hpckd_loader(kind: str, root: Path, strength: str, crop: int, batch: int, threads: int, device: torch.device,
+                 read_ahead: int | None = None):
     index = build_index(root, cache="off")
     views = {"student": train_policy("imagenet", strength, crop)}
+    extra = {}
     if kind == "dali":
         from hpckd.data.dali import DaliLoader as cls
+
+        extra = {} if read_ahead is None else {"read_ahead": read_ahead}
     else:
         from hpckd.data.torch_loader import TorchLoader as cls
     return cls(index.files, index.labels, views, batch_size=batch, shard=ShardSpec(), train=True, seed=0,
-               num_threads=threads, device=device, mean=MEAN, std=STD)
+               num_threads=threads, device=device, mean=MEAN, std=STD, **extra)
 
 
 def images_per_second(loader, device: torch.device, warmup: int, min_batches: int) -> float:
@@ -128,6 +133,8 @@ def main(argv=None) -> dict:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="DALI threads / DataLoader workers")
+    p.add_argument("--read-ahead", type=int, default=None,
+                   help="dali: batches read ahead on a background thread (default: the loader's; 0: none)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-batches", type=int, default=10)
     p.add_argument("--policies", default="weak,strong")
@@ -151,7 +158,8 @@ def main(argv=None) -> dict:
             if kind == "torchvision":
                 loader = torchvision_loader(root, strength, args.crop, args.batch, args.threads)
             else:
-                loader = hpckd_loader(kind, root, strength, args.crop, args.batch, args.threads, device)
+                loader = hpckd_loader(kind, root, strength, args.crop, args.batch, args.threads, device,
+                                      args.read_ahead)
             row[kind] = images_per_second(loader, device, args.warmup, args.min_batches)
             del loader
         if "dali" in row and "torchvision" in row:

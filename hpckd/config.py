@@ -48,6 +48,7 @@ class DataConfig:
     lt_seed: int = 0  # which images a long-tailed class keeps (fixed subset, independent of the run's seed)
     index_cache: str = "auto"  # auto (next to the data, else ~/.cache/hpckd) | off | a folder
     cifar_crop: str = "pad"  # cifar policies' random crop: pad (pad 4, crop) | rrc (RandomResizedCrop 0.2-1)
+    dtype: str = "float32"  # images handed to the model: float32 | bfloat16 (train.precision=bf16) | float16 (fp16)
 
 
 @dataclass
@@ -145,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("error", "skip"),
     "data.format": ("folder", "cifar10", "cifar100", "wds"),
     "data.cifar_crop": ("pad", "rrc"),
+    "data.dtype": ("float32", "bfloat16", "float16"),
     "aug": ("none", "weak", "strong", "identity", "flip", "flip_crop", "cutout", "autoaugment", "randaugment",
             "mixup", "cutmix", "cutmix_pick"),  # strengths, then the augmentation study's DA schemes (data/aug.py)
     "optim.name": ("sgd", "adamw"),
@@ -231,6 +233,7 @@ def check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"config: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+    check_image_dtype(cfg)
     # Sub-packages check their own sections.
     if "train" in cfg:
         from hpckd.train.options import check_options  # lazy: hpckd.train imports this module
@@ -246,6 +249,19 @@ def check_choices(cfg: DictConfig) -> None:
     for i, teacher in enumerate(cfg.get("teachers") or []):
         if teacher.aug is not None and teacher.aug not in CHOICES["aug"]:
             raise ConfigError(f"config: 'teachers[{i}].aug' is {teacher.aug!r}; choose one of {', '.join(CHOICES['aug'])}")
+
+
+# Reduced-precision images must match the autocast dtype: the first layer's weights are fp32 outside autocast.
+_PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def check_image_dtype(cfg: DictConfig) -> None:
+    dtype = OmegaConf.select(cfg, "data.dtype", default="float32")
+    needed = _PRECISION_OF_DTYPE.get(dtype)
+    precision = OmegaConf.select(cfg, "train.precision", default="fp32")
+    if needed is not None and precision != needed:
+        raise ConfigError(f"config: data.dtype={dtype} needs train.precision={needed} (got {precision}); "
+                          f"use data.dtype=float32 for {precision} training")
 
 
 def _resolve_dataclass(schema: type, dotted: str) -> tuple[type | None, Any]:

@@ -50,3 +50,23 @@ class Batch:
             aug=self.aug,
             valid=None if self.valid is None else move(self.valid),
         )
+
+
+IMAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How a loader hands images to the model: dtype and memory layout (``data.dtype``, ``train.channels_last``).
+
+    Applied as the images move to the training device (one ``Tensor.to``): a CPU loader casts before the
+    host-to-device copy, so bf16/fp16 also halve the copy. Channels-last keeps the NCHW shape with NHWC strides,
+    the layout cuDNN's tensor-core convolutions prefer, so the model's own ``contiguous`` call is then a no-op.
+    """
+
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    channels_last: bool = False
+
+    def apply(self, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        layout = torch.channels_last if self.channels_last and images.dim() == 4 else torch.preserve_format
+        return images.to(device, dtype=IMAGE_DTYPES[self.dtype], memory_format=layout, non_blocking=True)

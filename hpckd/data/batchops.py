@@ -24,6 +24,11 @@ Records (M = rows of x'; positions are rows of the batch before the op, ids are 
 sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top, left, bottom, right) pasted region,
 "pick": kept pool rows, "params": per-sample parameters of a follow-up policy}`` (only the keys that apply);
 ``aug["doubled"]`` (N,) bool; ``aug["half_split"] = {"mode", "column"}``.
+
+Mixed labels: after Mixup, CutMix or CutMixPick, ``aug["label_mix"] = {"partner_label": (N,), "lam": (N,)}`` gives,
+for every row of the *output* batch, the label of the image mixed in and the weight of the row's own label
+(1.0 and the row's own label on rows that were not mixed, e.g. the original half of a doubled batch), so a loss
+can train on the mixed target ``lam y_i + (1 - lam) y_j`` (Zhang et al. 2018, Eq. 1; Yun et al. 2019, Eq. 1).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from hpckd.errors import ConfigError
 SCHEMES = ("none",) + DA_SCHEMES
 HALF_MODES = ("none", "crop", "mask")
 DOUBLED = "doubled"  # the marker hpckd.losses.augmented reads
+LABEL_MIX = "label_mix"  # the per-row mixed-label record hpckd.losses reads
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -134,7 +140,9 @@ def cutmix(x: torch.Tensor, partner: torch.Tensor, boxes: torch.Tensor) -> torch
 
 
 def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Undo the loader's normalisation: float (N, 3, H, W) -> uint8 pixels."""
+    """Undo the loader's normalisation: float (N, 3, H, W) -> uint8 pixels (computed in fp32: bf16 images would
+    round the 0-255 scale to a few levels)."""
+    x = x.float()
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return ((x * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
@@ -181,6 +189,21 @@ def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, 
                  valid=None if batch.valid is None else torch.cat([batch.valid, valid]))
 
 
+def label_mix(out: Batch, before: Batch, record: dict, doubled: bool) -> dict[str, torch.Tensor]:
+    """Per row of ``out``: the label of the partner mixed into it and the weight ``lam`` of its own label.
+
+    The mixed rows are the last M rows of a doubled batch, or all rows when x' replaced x; other rows get
+    ``lam = 1`` and their own label (so a loss reading this record leaves them unchanged)."""
+    dev = out.labels.device
+    partner_label = out.labels.clone()
+    lam = torch.ones(out.size, dtype=torch.float32, device=dev)
+    start = before.size if doubled else 0
+    rows = slice(start, start + int(record["source"].numel()))
+    partner_label[rows] = before.labels[record["partner"].to(dev)]
+    lam[rows] = record["lam"].to(dev, torch.float32)
+    return {"partner_label": partner_label, "lam": lam}
+
+
 def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: fn(v) for k, v in batch.views.items()}
 
@@ -192,6 +215,7 @@ def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -
     extra = _mix_views(batch, lambda x: mixup(x, partner, lam))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["mixup"] = _record(batch, torch.arange(n), partner, lam)
+    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["mixup"], cfg.doubled)
     return out
 
 
@@ -202,6 +226,7 @@ def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) 
     extra = _mix_views(batch, lambda x: cutmix(x, partner, boxes))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["cutmix"] = _record(batch, torch.arange(n), partner, lam, boxes)
+    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["cutmix"], cfg.doubled)
     return out
 
 
@@ -253,6 +278,7 @@ def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Genera
     out = _append(batch, extra, record["source"][keep], cfg.doubled)
     out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
                                      record["box"][keep], pick=keep)
+    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["cutmix_pick"], cfg.doubled)
     return out
 
 

@@ -28,31 +28,42 @@ colour-jitter order is fixed (brightness, contrast, saturation) where torchvisio
 parameter above is *accepted* as an input, so nothing needs the torch fallback; :mod:`hpckd.data.render_torch`
 renders the same parameters on the device for replay without DALI (same meaning, not bit-identical pixels).
 
-Cost of this design: files are read and parameters drawn in Python, in the pipeline's feeding thread (measured
-about 0.1-0.2 ms per 375x500 JPEG on the 2-core development machine, mostly the file read; i.e. 10-20 % of one
-core per 1,000 images/s); on network file systems prefer WebDataset shards (:mod:`hpckd.data.wds`), which DALI
-reads sequentially.
+Cost of this design: files are read, image headers parsed (for the crop windows) and parameters drawn in Python,
+about 0.1-0.2 ms per 375x500 JPEG on the 2-core development machine, mostly the file read (10-20 % of one core per
+1,000 images/s). That work runs *ahead*, on one background thread per pass (:class:`ReadAhead`, threads named
+``hpckd-read-ahead_*``): while DALI decodes and the training loop runs, it prepares the next ``read_ahead`` batches
+(default 3: file bytes, ids, parameter arrays), and the ``fn.external_source`` callback, on the training thread
+when DALI schedules a batch, only takes the next ready one. File reads release the GIL, so I/O overlaps compute;
+header parsing and drawing still take the GIL, so they overlap best with the GPU and DALI's own (C++) threads.
+One thread keeps the batches in order (it advances the pass's iterator, which also serves WebDataset streaming),
+so they are exactly those of ``read_ahead=0`` (everything on the training thread, as before); an abandoned pass
+joins the thread after at most the batch it is reading. On network file systems prefer WebDataset shards
+(:mod:`hpckd.data.wds`), which DALI reads sequentially.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import deque
-from functools import lru_cache
-from typing import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache, partial
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from hpckd.data import autoaug
 from hpckd.data.aug import Policy, resize_for_center_crop
-from hpckd.data.batch import Batch
+from hpckd.data.batch import Batch, ImageFormat
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
 from hpckd.data.sources import Source, as_source, decode_rgb
 from hpckd.errors import DataError
 
-__all__ = ["DaliLoader", "ShardSpec", "build_pipeline", "param_fields"]
+__all__ = ["DaliLoader", "ReadAhead", "ShardSpec", "build_pipeline", "param_fields"]
+
+READ_AHEAD = 3  # batches prepared ahead of DALI by default (0: on the training thread, in the callback)
+READ_AHEAD_THREAD = "hpckd-read-ahead"  # name prefix of the read-ahead threads
 
 # DALI announces renamed operators when its auto-augment module loads; nothing for our users to act on.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"nvidia\.dali\..*")
@@ -233,6 +244,8 @@ def _fixed_op(aug, bin_: int, bins: int, size: list[int]):
 
 
 Batches = Iterator[tuple[np.ndarray, list[np.ndarray]]]
+Prepared = tuple[np.ndarray, tuple]  # (sample ids, the external source's outputs for that batch)
+T = TypeVar("T")
 
 
 def read_batches(source: Source, order: np.ndarray, start: int, batch_size: int) -> Batches:
@@ -242,35 +255,132 @@ def read_batches(source: Source, order: np.ndarray, start: int, batch_size: int)
         yield ids, [source.read(int(i)) for i in ids]
 
 
+def close_iterator(batches: Iterator) -> None:
+    """Release what an abandoned iterator holds (a generator's open pipeline or file); others need nothing."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
+class ReadAhead(Generic[T]):
+    """The results of successive ``produce()`` calls, computed up to ``depth`` calls ahead on one background thread.
+
+    Pull-based: a call is submitted each time one result is handed out, so at most ``depth`` results wait and the
+    thread idles instead of reading on when the consumer stops asking. A single worker runs the calls one after
+    the other in submission order, which keeps the results in order and lets ``produce`` advance a generator
+    (not thread-safe) that always runs on the same thread. An exception from ``produce`` is re-raised, as is, by
+    the :meth:`next` that hands out its result.
+    """
+
+    def __init__(self, produce: Callable[[], T], depth: int, *, finish: Callable[[], None] = lambda: None,
+                 name: str = READ_AHEAD_THREAD) -> None:
+        if depth < 1:
+            raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
+        self._produce, self._finish = produce, finish
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._ahead: deque[Future[T]] = deque(self._pool.submit(produce) for _ in range(depth))
+        self.closed = False
+
+    def next(self) -> T:
+        """The next result, waiting for it if the thread has not finished it yet."""
+        if self.closed:
+            raise RuntimeError("ReadAhead.next after close")
+        future = self._ahead.popleft()
+        self._ahead.append(self._pool.submit(self._produce))
+        return future.result()
+
+    def close(self) -> None:
+        """Drop the calls not started, let the running one finish, run ``finish`` on the thread, join it."""
+        if self.closed:
+            return
+        self.closed = True
+        for future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+        self._pool.submit(self._finish)
+        self._pool.shutdown(wait=True)
+
+
 class BatchFeeder:
     """The ``fn.external_source`` callback: the next batch of the current pass, as input arrays.
 
     Outputs: data (encoded bytes or HWC pixels), sample ids, then each view's parameter arrays in
-    :func:`param_fields` order. Running out of batches (StopIteration) ends DALI's epoch; ``close`` ends a pass
-    early. The ids of the last few batches are kept to name a file DALI fails to decode.
+    :func:`param_fields` order. With ``read_ahead`` > 0 they are prepared that many batches ahead by a
+    :class:`ReadAhead` thread (see "Cost of this design" above) and the callback only hands them out; with 0 the
+    callback prepares each batch itself. Running out of batches (StopIteration) ends DALI's epoch; ``close`` ends a
+    pass early (and stops its read-ahead). The ids of the last few batches fed are kept to name a file DALI fails
+    to decode.
     """
 
-    def __init__(self, source: Source, views: dict[str, Policy], seed: int) -> None:
-        self.source, self.views, self.seed = source, views, seed
-        self.batches: Batches = iter(())
+    def __init__(self, source: Source, views: dict[str, Policy], seed: int, read_ahead: int = READ_AHEAD) -> None:
+        if read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.source, self.views, self.seed, self.read_ahead = source, views, seed, read_ahead
         self.epoch = 0
-        self.closed = False
         self.recent: deque[np.ndarray] = deque(maxlen=4)
+        self._next: Callable[[], Prepared | None] = lambda: None
+        self._finish: Callable[[], None] = lambda: None
+        self._ahead: ReadAhead[Prepared | None] | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the current pass is over (exhausted, failed or closed): the callback raises StopIteration."""
+        return self._closed
 
     def plan(self, batches: Batches, epoch: int) -> None:
-        self.batches, self.epoch, self.closed = batches, epoch, False
+        """Feed ``batches`` of ``epoch`` from now on; what the previous pass had read ahead is dropped first."""
+        self.close()
+        self.epoch = epoch
+        produce = partial(self._prepare, batches, epoch)
+        if self.read_ahead > 0:
+            self._ahead = ReadAhead(produce, self.read_ahead, finish=partial(close_iterator, batches))
+            self._next, self._finish = self._ahead.next, lambda: None
+        else:
+            self._next, self._finish = produce, partial(close_iterator, batches)
+        self._closed = False
 
-    def __call__(self, info):
-        if self.closed:
-            raise StopIteration
-        ids, data = next(self.batches)
-        self.recent.append(ids)
+    def close(self) -> None:
+        """End the current pass: no more batches, the read-ahead thread joined, the pass's iterator released."""
+        self._closed = True
+        ahead, finish = self._ahead, self._finish
+        self._ahead, self._finish, self._next = None, (lambda: None), (lambda: None)
+        if ahead is not None:
+            ahead.close()
+        finish()
+
+    def _prepare(self, batches: Batches, epoch: int) -> Prepared | None:
+        """The next batch of ``batches`` as the callback's outputs, or None at the end (runs on the read-ahead
+        thread; ``epoch`` is bound at ``plan`` so it never sees a later pass's epoch)."""
+        item = next(batches, None)
+        if item is None:
+            return None
+        ids, data = item
+        return ids, self.inputs(ids, data, epoch)
+
+    def inputs(self, ids: np.ndarray, data: list[np.ndarray], epoch: int) -> tuple:
+        """External source outputs of one batch: data, ids, each view's parameters (needs the image sizes)."""
         sizes = np.array([self.source.size(int(i), d) for i, d in zip(ids, data)], dtype=np.int64)
         outputs = [data, [np.array([i], dtype=np.int64) for i in ids]]
         for name, policy in self.views.items():
-            params = sample_params(policy, view_key(self.seed, self.epoch, name), ids, sizes)
+            params = sample_params(policy, view_key(self.seed, epoch, name), ids, sizes)
             outputs += [list(params[f]) for f in param_fields(policy)]
         return tuple(outputs)
+
+    def __call__(self, info):
+        if self._closed:
+            raise StopIteration
+        try:
+            prepared = self._next()
+        except BaseException:
+            self.close()  # the pass is over: its error surfaces here, on the training thread
+            raise
+        if prepared is None:
+            self.close()
+            raise StopIteration
+        ids, outputs = prepared
+        self.recent.append(ids)
+        return outputs
 
     def culprit(self) -> str | None:
         """The first recently fed sample that PIL cannot decode either, if any."""
@@ -326,11 +436,14 @@ class DaliLoader(EpochLoader):
         labels: class label of every sample id.
         streaming: for sources that can stream (WebDataset shards), read them with DALI's sequential reader
             (shuffle buffer, shard rotation across epochs) instead of by random access in the global order.
+        read_ahead: batches read and parameterised ahead on a background thread (:class:`ReadAhead`); 0 does it
+            on the training thread when DALI asks for a batch. Same batches either way.
     """
 
     def __init__(self, files, labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
                  shard: ShardSpec, train: bool, seed: int, num_threads: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], streaming: bool = True) -> None:
+                 mean: Sequence[float], std: Sequence[float], streaming: bool = True,
+                 image_format: ImageFormat = ImageFormat(), read_ahead: int = READ_AHEAD) -> None:
         _dali()
         self.source = as_source(files)
         self.streaming = streaming and hasattr(self.source, "stream")
@@ -342,14 +455,14 @@ class DaliLoader(EpochLoader):
             device_id = torch.cuda.current_device()
         self.views = dict(views)
         self.shard, self.train, self.seed, self.batch_size = shard, train, seed, batch_size
-        self.feeder = BatchFeeder(self.source, self.views, seed)
+        self.feeder = BatchFeeder(self.source, self.views, seed, read_ahead)
         self.pipeline = build_pipeline(self.feeder, self.views, encoded=self.source.encoded, batch_size=batch_size,
                                        num_threads=max(1, num_threads), device_id=device_id, mean=mean, std=std)
         self.fields = {name: param_fields(p) for name, p in self.views.items()}
         self.output_names = ["index", *self.views] + [f"{v}.{f}" for v, fs in self.fields.items() for f in fs]
         self._iterator = None
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
-        self.device = device
+        self.device, self.image_format = device, image_format
         self.steps_per_epoch = steps_per_epoch(len(self.source), shard, batch_size, train)
         self.state = ResumableEpochs()
 
@@ -372,15 +485,16 @@ class DaliLoader(EpochLoader):
         return self._iterator
 
     def _finish_pass(self, iterator, complete: bool) -> None:
-        """An abandoned pass: stop feeding and drain what DALI prefetched, so the next pass starts clean."""
+        """Stop feeding (and reading ahead: a failed pass may leave its thread idle); an abandoned pass also
+        drains what DALI prefetched, so the next pass starts clean."""
+        self.feeder.close()
         if not complete:
-            self.feeder.closed = True
             for _ in iterator:
                 pass
 
     def _batch(self, out: dict, epoch: int) -> Batch:
         index = out["index"].reshape(-1).to(self.device, dtype=torch.int64)
-        views = {name: out[name].to(self.device, non_blocking=True) for name in self.views}
+        views = {name: self.image_format.apply(out[name], self.device) for name in self.views}
         aug = {name: {f: out[f"{name}.{f}"] for f in fields} for name, fields in self.fields.items()}
         return Batch(views=views, labels=self.labels[index], index=index, epoch=epoch, aug=aug)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from hpckd.data.aug import Policy, eval_policy, train_policy
-from hpckd.data.batch import STUDENT
+from hpckd.data.batch import STUDENT, ImageFormat
 from hpckd.data.datasets import load_splits
 from hpckd.data.sharding import ShardSpec
 from hpckd.dist import DistInfo
@@ -44,12 +45,21 @@ def build_loaders(cfg, info: DistInfo, teacher_augs: Sequence[str | None] = ()) 
                               f"use a multiple of {info.world_size}")
     loader_cls = loader_class(data.loader)
     shard = ShardSpec(info.rank, info.world_size)
-    common = dict(shard=shard, seed=cfg.seed, num_threads=data.num_workers, device=info.device, mean=data.mean, std=data.std)
+    common = dict(shard=shard, seed=cfg.seed, num_threads=data.num_workers, device=info.device, mean=data.mean,
+                  std=data.std, image_format=image_format(cfg))
     views = view_policies(data.family, data.image_size, cfg.aug, teacher_augs, getattr(data, "cifar_crop", "pad"))
     train = loader_cls(train_index.source, train_index.labels, views, batch_size=data.batch_size // info.world_size, train=True, **common)
+    # Evaluation reads float32 images: teachers and CAMs run outside the training autocast there.
+    val_common = {**common, "image_format": dataclasses.replace(common["image_format"], dtype="float32")}
     val = loader_cls(val_index.source, val_index.labels, {STUDENT: eval_policy(data.family, data.image_size)},
-                     batch_size=data.eval_batch_size // info.world_size, train=False, **common)
+                     batch_size=data.eval_batch_size // info.world_size, train=False, **val_common)
     return Loaders(train, val, train_index, val_index)
+
+
+def image_format(cfg) -> ImageFormat:
+    """The images' dtype (``data.dtype``) and layout (channels-last when ``train.channels_last``) for the model."""
+    train = cfg.get("train") if hasattr(cfg, "get") else getattr(cfg, "train", None)
+    return ImageFormat(dtype=cfg.data.dtype, channels_last=bool(train is not None and train.channels_last))
 
 
 def loader_class(name: str):

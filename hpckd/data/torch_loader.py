@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpckd.data.aug import Policy
-from hpckd.data.batch import Batch
+from hpckd.data.batch import Batch, ImageFormat
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.render_torch import render
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
@@ -77,7 +77,7 @@ class TorchLoader(EpochLoader):
 
     def __init__(self, files, labels: Sequence[int], views: dict[str, Policy], *, batch_size: int,
                  shard: ShardSpec, train: bool, seed: int, num_threads: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], image_format: ImageFormat = ImageFormat()) -> None:
         source = as_source(files)
         if train:
             check_trainable(len(source), shard, batch_size)
@@ -86,7 +86,7 @@ class TorchLoader(EpochLoader):
                                  num_workers=num_threads, drop_last=train, pin_memory=device.type == "cuda",
                                  persistent_workers=num_threads > 0)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
-        self.device = device
+        self.device, self.image_format = device, image_format
         self.steps_per_epoch = steps_per_epoch(len(source), shard, batch_size, train)
         self.state = ResumableEpochs()
 
@@ -97,6 +97,6 @@ class TorchLoader(EpochLoader):
         self.sampler.epoch, self.sampler.start = self.state.epoch, start
         for index, views, params in self.loader:
             index = index.to(self.device, dtype=torch.int64)
-            views = {k: v.to(self.device, non_blocking=True) for k, v in views.items()}
+            views = {k: self.image_format.apply(v, self.device) for k, v in views.items()}
             self.state.step += 1
             yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch, aug=dict(params))

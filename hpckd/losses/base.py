@@ -19,7 +19,7 @@ from torch import nn
 from hpckd.errors import ConfigError
 from hpckd.losses.checks import check_logits
 from hpckd.losses.config import LossConfig
-from hpckd.losses.functional import hard_ce, masked_mean
+from hpckd.losses.functional import hard_ce, masked_mean, mixed_hard_ce
 
 
 class Loss(nn.Module):
@@ -61,8 +61,14 @@ class Loss(nn.Module):
         return valid_mask(batch, student.shape[0], student.device)
 
     def hard_label_term(self, student: torch.Tensor, batch: object, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean L_NLL over the kept samples (with the configured label smoothing)."""
-        return masked_mean(hard_ce(student, batch.labels, self.cfg.label_smoothing), mask)
+        """Mean L_NLL over the kept samples (with the configured label smoothing); on rows mixed by Mixup/CutMix
+        the mixed target's CE when ``mixed_labels`` (see :func:`label_mix`)."""
+        mix = label_mix(batch) if self.cfg.mixed_labels else None
+        if mix is None:
+            return masked_mean(hard_ce(student, batch.labels, self.cfg.label_smoothing), mask)
+        per_sample = mixed_hard_ce(student, batch.labels, mix["partner_label"].to(student.device),
+                                   mix["lam"].to(student.device), self.cfg.label_smoothing)
+        return masked_mean(per_sample, mask)
 
     def ce_kd_terms(self, ce: torch.Tensor, kd: torch.Tensor, **logged: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss`` = ce_weight ce + kd_weight kd, with ``ce``, ``kd`` and the ``logged`` terms detached."""
@@ -71,6 +77,12 @@ class Loss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}"
+
+
+def label_mix(batch: object) -> dict[str, torch.Tensor] | None:
+    """``batch.aug["label_mix"]`` (written by Mixup/CutMix/CutMixPick in :mod:`hpckd.data.batchops`), if any."""
+    aug = getattr(batch, "aug", None)
+    return aug.get("label_mix") if isinstance(aug, dict) else None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,9 @@ class LossConfig:
     check_finite: bool = True  # reject NaN/Inf logits with a clear error (one device sync per step)
     teacher_tau: Optional[float] = None  # noqa: UP045  teacher temperature if not tau (response study stage 2: 0.7)
     label_smoothing: float = 0.0  # eps of the hard-label CE term (response study stage-1 code: 0.1)
+    # Rows made by Mixup/CutMix/CutMixPick: hard-label term lam CE(y_i) + (1 - lam) CE(y_j) (Zhang et al. 2018 Eq. 1,
+    # Yun et al. 2019 Eq. 1); false: the source image's label y_i only. kd_da never uses hard labels on those rows.
+    mixed_labels: bool = True
     ensemble: str = "per_teacher_loss"  # per_teacher_loss (attention Eq. 8) | mean_probs | mean_logits (ENSEMBLE_MODES)
     # KD + DA with a doubled batch (augmentation study Sec. 4.1)
     aug_kd_weight: float = 1.0  # weight of the KL on the augmented half (lw_mix[2] in its code)

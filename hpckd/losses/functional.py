@@ -20,6 +20,16 @@ def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor, label_smoothing:
     return F.cross_entropy(student_logits, labels, reduction="none", label_smoothing=label_smoothing)
 
 
+def mixed_hard_ce(student_logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """CE against the Mixup/CutMix target ``lam y_i + (1 - lam) y_j`` (Zhang et al. 2018, Eq. 1; Yun et al. 2019,
+    Eq. 1). CE is linear in the target, so this is ``lam CE(y_i) + (1 - lam) CE(y_j)``, label smoothing included."""
+    lam = lam.to(student_logits.dtype)
+    own = hard_ce(student_logits, labels, label_smoothing)
+    partner = hard_ce(student_logits, partner_labels, label_smoothing)
+    return lam * own + (1.0 - lam) * partner
+
+
 def soft_ce(student_logits: torch.Tensor, target_probs: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """-sum_c p_c log sigma_c(z_s / tau) for a target distribution ``target_probs`` (N, C)."""
     return -(target_probs * F.log_softmax(student_logits / tau, dim=1)).sum(dim=1)

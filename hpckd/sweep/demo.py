@@ -7,7 +7,9 @@ Stages, each one array job on the chosen executor (submitit's local executor by 
      the student trained with weak (T1wT2sSw) or strong (T1wT2sSs) augmentation, plus a CE-only baseline;
   3. report: a table of trial, student val accuracy and top-1 agreement with the teacher ensemble, read from the
      ``results.json`` files only.
-Finished stages are not run again: a re-run resumes where the sweep stopped.
+Finished stages are not run again: a re-run resumes where the sweep stopped. The teacher and student jobs are
+:class:`StageJob` objects, ``submitit.helpers.Checkpointable`` like every hpckd training job: on SLURM a preempted
+(or timed-out) stage job checkpoints at the next step, is requeued, and resumes from its ``out_dir``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpckd.config import load_config
 from hpckd.data.synth import SynthSpec, write_imagefolder
+from hpckd.train.job import TrainJob
 
 
 @dataclass(frozen=True)
@@ -52,17 +54,40 @@ def student_jobs(data_root: Path, root: Path, epochs: int) -> list[Job]:
     ]
 
 
+def stage_overrides(job: Job, root: Path) -> list[str]:
+    """The job's overrides plus where it writes and its name (one loader worker: stage jobs share the machine)."""
+    return [*job.overrides, f"out_dir={job.out_dir(root)}", f"name={job.name}", "data.num_workers=1"]
+
+
+class StageJob(TrainJob):
+    """One teacher or student job of the demo, run in the executor's process on ``threads`` CPU threads.
+
+    A :class:`~hpckd.train.job.TrainJob`, so submitit requeues it on preemption and it resumes from its
+    ``out_dir`` (its checkpoint() resubmits this same object; the training state lives on disk). It returns the
+    run's name and final metrics.
+    """
+
+    def __init__(self, job: Job, root: str | os.PathLike, threads: int = 1) -> None:
+        super().__init__(job.mode, None, stage_overrides(job, Path(root)))
+        self.threads = threads
+
+    def __call__(self) -> dict[str, Any]:
+        import torch
+
+        # Set in the job's own process (set again after a requeue): cpus_per_task of the stage, not every core.
+        torch.set_num_threads(self.threads)
+        results = super().__call__()
+        return {"name": results["name"], **results["metrics"]}
+
+
 def run_job(job: Job, root: str, threads: int = 1) -> dict[str, Any]:
-    """Run one stage job (in the executor's process) and return its headline metrics."""
-    import torch
+    """Run one stage job in this process and return its headline metrics (what a :class:`StageJob` returns)."""
+    return StageJob(job, root, threads)()
 
-    torch.set_num_threads(threads)
-    from hpckd.train.engine import run
 
-    out = job.out_dir(Path(root))
-    cfg = load_config(None, [*job.overrides, f"out_dir={out}", f"name={job.name}", "data.num_workers=1"])
-    results = run(cfg, mode=job.mode)
-    return {"name": job.name, **results["metrics"]}
+def stage_calls(jobs: list[Job], root: Path, threads: int) -> list[StageJob]:
+    """What a stage submits: one self-contained Checkpointable call per job (no arguments to pickle beside it)."""
+    return [StageJob(j, root, threads) for j in jobs]
 
 
 def run_stage(jobs: list[Job], root: Path, executor: str) -> None:
@@ -70,12 +95,14 @@ def run_stage(jobs: list[Job], root: Path, executor: str) -> None:
     if not todo:
         print(f"  already done: {', '.join(j.name for j in jobs)}")
         return
-    from hpckd.sweep.executor import make_executor, run_array
+    from hpckd.sweep.executor import collect_results, make_executor
 
     cpus = max(1, (os.cpu_count() or 2) // len(todo))
     ex = make_executor(executor, root / "submitit", cpus_per_task=cpus, timeout_min=60)
     print(f"  running {', '.join(j.name for j in todo)} on the {executor} executor")
-    run_array(ex, run_job, [(j, str(root), cpus) for j in todo])
+    # One array job, as map_array would submit, but of distinct Checkpointable objects: submitit only
+    # checkpoints and requeues a job whose submitted function has a checkpoint() method.
+    collect_results(ex.submit_array(stage_calls(todo, root, cpus)))
 
 
 def read_results(root: Path, names: list[str]) -> list[dict[str, Any]]:

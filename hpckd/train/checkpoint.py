@@ -173,11 +173,27 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignored: Iterable[str] = RESUME_IGNORED_KEYS) -> list[str]:
-    """``key: saved != current`` for every trajectory-relevant config key that differs."""
+    """``key: saved != current`` for every trajectory-relevant config key that differs.
+
+    A key the saved config lacks (written by an hpckd version before the option existed) matches when the current
+    value is the option's default: the old version behaved as the default does, so upgrading hpckd in the middle
+    of a sweep does not strand its checkpoints."""
     ignored = set(ignored)
     a, b = flatten(saved), flatten(current)
+    defaults = _schema_defaults()
+    for key in set(b) - set(a):
+        if key in defaults and defaults[key] == b[key]:
+            a[key] = b[key]
     keys = sorted((set(a) | set(b)) - ignored)
     return [f"{k}: {a.get(k, '<absent>')!r} != {b.get(k, '<absent>')!r}" for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """Every config key's default value, flattened (``data.dtype`` -> ``"float32"``)."""
+    from hpckd.config import Experiment, to_container  # lazy: the config imports hpckd.train
+    from omegaconf import OmegaConf
+
+    return flatten(to_container(OmegaConf.structured(Experiment)))
 
 
 def check_compatible(path: Path, state: dict[str, Any], config: dict[str, Any], world_size: int, backend: str,

@@ -149,6 +149,8 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
         prog.resumes.append({"from": state["path"], "epoch": prog.epoch, "step": prog.step, "time": round(time.time(), 3),
                              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
     _log_start(r, prog)
+    # Steps after the checkpoint were logged by the session that died; they are about to be redone.
+    r.scalars.start(purge_step=prog.step + 1 if state is not None else None)
     if state is not None:
         _restore_loader(r, state)
         rng.restore(state["rng"][info.rank])
@@ -209,7 +211,8 @@ def _loss_cfg(cfg, mode: str):
     if mode == "train":
         from hpckd.losses import LossConfig
 
-        return LossConfig(name="ce")
+        # A teacher's CE keeps the user's label smoothing and mixed-label choice (Mixup/CutMix batch ops).
+        return LossConfig(name="ce", label_smoothing=cfg.loss.label_smoothing, mixed_labels=cfg.loss.mixed_labels)
     return cfg.loss
 
 
@@ -358,8 +361,9 @@ def _pick_scores(r: Run, pool: Batch) -> tuple[torch.Tensor | None, torch.Tensor
     from hpckd.losses.cutmixpick import needs_student
     from hpckd.teachers.ensemble import ensemble_distribution
 
-    teacher = ensemble_distribution(r.teachers(pool)) if r.teachers is not None else None
-    student = r.backend.forward(pool.views[STUDENT]).float() if needs_student(r.cfg.loss) else None
+    with autocast(r.cfg.train.precision, r.info.device):  # scored as trained (and bf16 images need autocast)
+        teacher = ensemble_distribution(r.teachers(pool)) if r.teachers is not None else None
+        student = r.backend.forward(pool.views[STUDENT]).float() if needs_student(r.cfg.loss) else None
     return teacher, student
 
 

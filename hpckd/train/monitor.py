@@ -30,14 +30,21 @@ class JsonLogger:
 
 
 class Scalars:
-    """TensorBoard scalars under ``out_dir/tensorboard`` when enabled (the package is optional), else nothing."""
+    """TensorBoard scalars under ``out_dir/tensorboard`` when enabled (the package is optional), else nothing.
+
+    The writer opens in :meth:`start`, once the run knows where it resumes: a resumed run purges the events a
+    killed session wrote after its last checkpoint (TensorBoard's ``purge_step``), so each step appears once.
+    """
 
     def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
         self.writer = None
-        if folder is not None:
+
+    def start(self, purge_step: int | None = None) -> None:
+        if self.folder is not None and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # needs `tensorboard`; checked at start-up
 
-            self.writer = SummaryWriter(str(folder))
+            self.writer = SummaryWriter(str(self.folder), purge_step=purge_step)
 
     def add(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self.writer is None:

@@ -61,11 +61,21 @@ def check_runtime(cfg, device: torch.device) -> None:
     if cfg.dist.sync_bn and device.type != "cuda":
         raise ConfigError("config: dist.sync_bn=true needs CUDA devices (SyncBatchNorm does not run on CPU); "
                           "set dist.sync_bn=false")
-    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("config: train.tensorboard=true but the tensorboard package is not installed: "
-                          "pip install tensorboard (or set train.tensorboard=false)")
+    if cfg.train.tensorboard:
+        check_tensorboard()
     if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("config: train.precision=bf16 but this GPU has no bfloat16 support; use fp16 or fp32")
     if cfg.dist.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("config: dist.backend=deepspeed but DeepSpeed is not installed: "
                           "pip install --no-build-isolation deepspeed (or set dist.backend=ddp)")
+
+
+def check_tensorboard() -> None:
+    """Import what :class:`hpckd.train.monitor.Scalars` imports, so that a missing (or broken, e.g. a protobuf
+    mismatch) TensorBoard is one line before anything starts, not a traceback from inside the run's set-up."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (imports `tensorboard` and checks its version)
+    except ImportError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"config: train.tensorboard=true but TensorBoard cannot be imported ({reason}): "
+                          "pip install tensorboard (or set train.tensorboard=false)") from None
