@@ -196,7 +196,7 @@ def ensure_process_group(device: torch.device) -> None:
         return
     port = int(os.environ.get("MASTER_PORT") or _free_port())
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+                            rank=0, world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
 
 
 _CONTROL_GROUP = None

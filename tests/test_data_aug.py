@@ -184,7 +184,7 @@ def test_recorded_parameters_replay_the_torch_view_exactly(photo_files):
     batch = next(iter(loader(TorchLoader, photo_files, {"student": policy}, batch=8, train=True, seed=3, epoch=1)))
     params = {k: v.numpy() for k, v in batch.aug["student"].items()}
     for i, sample in enumerate(batch.index.tolist()):
-        img = torch.from_numpy(np.asarray(Image.open(photo_files[sample]).convert("RGB"))).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(Image.open(photo_files[sample]).convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(render(img, policy, row(params, i), **RAW), batch.views["student"][i])
         sizes = np.array([[img.shape[1], img.shape[2]]])
         again = sample_params(policy, view_key(3, 1, "student"), np.array([sample]), sizes)

@@ -329,7 +329,9 @@ def _micro_step(r: Run, prog: Progress, batch: Batch, boundary: bool, guard: Pre
         except NonFiniteError as exc:
             terms, problem = {}, str(exc)
         # One tiny CPU all-reduce: every rank stops together, on a bad loss anywhere or a signal to any rank
-        # (the highest signal number wins, so all ranks hand over the same one).
+        # (the highest signal number wins, so all ranks hand over the same one). The finiteness check above reads
+        # the loss on the host, so on a GPU each micro-step waits for its forward pass once (before backward is
+        # queued); that keeps a NaN out of the weights and the checkpoints, at the cost of one sync per micro-step.
         bad, stop = dist.max_across_ranks([bool(problem), guard.requested or 0])
         if bad:
             where = f"epoch {prog.epoch}, step {prog.step + 1}"
