@@ -1,6 +1,6 @@
 """The demo's teacher and student jobs are submitit ``Checkpointable`` jobs (:class:`hpckd.sweep.demo.StageJob`).
 
-What the demo submits is recorded through a stand-in executor; a teacher job then trains for real on a tiny data set
+A stage runs on submitit's real local executor and the callables it pickled are checked; a teacher job then trains for real on a tiny data set
 (4 classes x 16 images, the demo's batch of 32 -> 2 steps per epoch, 2 epochs, resnet20), is "preempted" after its
 first epoch (its final checkpoint and outputs deleted, as if the job had stopped there), and the job that its
 ``checkpoint()`` hands submitit -- pickled and loaded back, as a requeue does -- resumes and ends exactly where the
@@ -19,7 +19,6 @@ import torch
 
 from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.sweep import demo
-from hpckd.sweep import executor as executor_module
 from hpckd.train.checkpoint import CheckpointStore, load_checkpoint
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 16, 4
@@ -35,53 +34,36 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-class RecordingExecutor:
-    """Stands in for the submitit executor: keeps what is submitted, runs nothing."""
-
-    def __init__(self, cpus_per_task: int) -> None:
-        self.cpus_per_task = cpus_per_task
-        self.submitted: list = []
-
-    def submit_array(self, fns: list) -> list:
-        self.submitted.extend(fns)
-        return []  # no jobs to wait for
+def submitted_calls(root: Path) -> list:
+    """What submitit's local executor really ran: the callables it pickled for each job, in job-id order."""
+    files = sorted((root / "submitit").glob("*_submitted.pkl"), key=lambda f: int(f.name.split("_")[0]))
+    return [submitit.helpers.DelayedSubmission.load(f).function for f in files]
 
 
-def record_stage(monkeypatch, jobs: list[demo.Job], root: Path) -> RecordingExecutor:
-    made: list[RecordingExecutor] = []
-
-    def make_executor(kind: str, folder: Path, *, cpus_per_task: int, **_: object) -> RecordingExecutor:
-        made.append(RecordingExecutor(cpus_per_task))
-        return made[-1]
-
-    monkeypatch.setattr(executor_module, "make_executor", make_executor)
-    demo.run_stage(jobs, root, "local")
-    assert len(made) == 1
-    return made[0]
-
-
-def test_the_demo_submits_checkpointable_stage_jobs(monkeypatch, tmp_path):
-    data = tmp_path / "data"
-    for jobs in (demo.teacher_jobs(data, 3), demo.student_jobs(data, tmp_path, 3)):
-        ex = record_stage(monkeypatch, jobs, tmp_path)
-        assert len(ex.submitted) == len(jobs)
-        for job, call in zip(jobs, ex.submitted):
-            assert isinstance(call, submitit.helpers.Checkpointable)
-            assert call.mode == job.mode
-            # The demo's own overrides, then where the job writes and its name, as `hpckd demo` always had.
-            assert call.overrides[: len(job.overrides)] == list(job.overrides)
-            assert f"out_dir={tmp_path / 'runs' / job.name}" in call.overrides
-            assert f"name={job.name}" in call.overrides
-            # Each job runs on the CPU share the executor was asked for.
-            assert call.threads == ex.cpus_per_task == max(1, (os.cpu_count() or 2) // len(jobs))
+def test_the_demo_submits_checkpointable_stage_jobs(data_root, tmp_path):
+    jobs = demo.teacher_jobs(data_root, 1)
+    demo.run_stage(jobs, tmp_path, "local")  # the real submitit local executor: one process per job
+    calls = submitted_calls(tmp_path)
+    assert len(calls) == len(jobs)
+    for job, call in zip(jobs, calls):
+        assert isinstance(call, submitit.helpers.Checkpointable)  # what makes submitit requeue it on preemption
+        assert call.mode == job.mode
+        # The demo's own overrides, then where the job writes and its name, as `hpckd demo` always had.
+        assert call.overrides[: len(job.overrides)] == list(job.overrides)
+        assert f"out_dir={tmp_path / 'runs' / job.name}" in call.overrides
+        assert f"name={job.name}" in call.overrides
+        # Each job runs on its share of the machine's CPUs.
+        assert call.threads == max(1, (os.cpu_count() or 2) // len(jobs))
+        assert json.loads((job.out_dir(tmp_path) / "results.json").read_text())["steps"] == STEPS_PER_EPOCH
 
 
-def test_a_finished_stage_is_not_submitted_again(monkeypatch, tmp_path):
-    jobs = demo.teacher_jobs(tmp_path / "data", 3)
+def test_a_finished_stage_is_not_submitted_again(data_root, tmp_path):
+    jobs = demo.teacher_jobs(data_root, 1)
     (jobs[0].out_dir(tmp_path)).mkdir(parents=True)
     (jobs[0].out_dir(tmp_path) / "results.json").write_text("{}")
-    ex = record_stage(monkeypatch, jobs, tmp_path)
-    assert [c.overrides for c in ex.submitted] == [demo.stage_overrides(jobs[1], tmp_path)]
+    demo.run_stage(jobs, tmp_path, "local")
+    assert [c.overrides for c in submitted_calls(tmp_path)] == [demo.stage_overrides(jobs[1], tmp_path)]
+    assert not (jobs[0].out_dir(tmp_path) / "checkpoints").exists()  # the finished job did not run again
 
 
 def test_checkpoint_resubmits_an_equivalent_job(tmp_path):

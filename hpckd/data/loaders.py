@@ -58,8 +58,7 @@ def build_loaders(cfg, info: DistInfo, teacher_augs: Sequence[str | None] = ()) 
 
 def image_format(cfg) -> ImageFormat:
     """The images' dtype (``data.dtype``) and layout (channels-last when ``train.channels_last``) for the model."""
-    train = cfg.get("train") if hasattr(cfg, "get") else getattr(cfg, "train", None)
-    return ImageFormat(dtype=cfg.data.dtype, channels_last=bool(train is not None and train.channels_last))
+    return ImageFormat(dtype=cfg.data.dtype, channels_last=bool(cfg.train.channels_last))
 
 
 def loader_class(name: str):
