@@ -19,7 +19,9 @@ also the job's entry point (see the bottom): it arranges the preemption signal, 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,11 +159,31 @@ def wait_for_requeue_and_end(job_id: str, output: Path) -> dict[str, str]:
     requeued = lambda f: int(f.get("Restarts", 0)) >= 1 and f["JobState"] != "COMPLETING"  # noqa: E731
     first = wait_for(job_id, lambda f: requeued(f) or f["JobState"] in finished, "the requeue", deadline)
     tail = output.read_text()[-4000:] if output.is_file() else "(no output)"
-    assert requeued(first), f"the job ended {first['JobState']} without being requeued:\n{tail}"
-    # SLURM holds a requeued job for cred_expire (120 s by default) before it may start again; release it now.
+    assert requeued(first), f"the job ended {first['JobState']} without being requeued:\n{tail}\n{ctld_log(job_id)}"
+    # SLURM holds a requeued job for cred_expire (120 s by default) before it may start again, because slurmd
+    # refuses a launch whose credential is not newer than the kill that revoked the run's last one ("Job N already
+    # killed, do not launch batch job"), and both times count in whole seconds. The job is PENDING only after that
+    # kill, so a release once the clock has left the second of this observation is always safe. (`StartTime=now`
+    # at once raced the kill under load; a future StartTime waits for the next scheduler pass, ~30 s.)
     if first["JobState"] == "PENDING":
+        wait_for_clock(math.floor(time.time()) + 1)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     return wait_for(job_id, lambda f: f["JobState"] in finished, "the end of the requeued run", deadline)
+
+
+def wait_for_clock(when: float) -> None:
+    """Bounded poll of the wall clock until it reads ``when`` (at most a second here)."""
+    while time.time() < when:
+        time.sleep(0.02)
+
+
+def ctld_log(job_id: str) -> str:
+    """slurmctld's and slurmd's log lines about the job, for a failure message."""
+    logs = Path(os.environ.get("HPCKD_SLURM_STATE", "/nonexistent")) / "log"
+    pattern = re.compile(rf"(JobId={job_id}|[Jj]ob {job_id})\b|\[{job_id}\.")
+    lines = [line for name in ("slurmctld.log", "slurmd.log") if (logs / name).is_file()
+             for line in (logs / name).read_text(errors="replace").splitlines() if pattern.search(line)]
+    return "SLURM logs about the job:\n" + "\n".join(sorted(lines)[-40:])
 
 
 def test_preempted_slurm_job_requeues_and_finishes_like_the_uninterrupted_run(synth_root, ds_run, tmp_path):
@@ -183,7 +205,7 @@ srun --kill-on-bad-exit=1 {sys.executable} {Path(__file__).resolve()} {args}
                             cwd=tmp_path).stdout.strip().split(";")[0]
     last = wait_for_requeue_and_end(job_id, tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
-    assert last["JobState"] == "COMPLETED", log[-4000:]
+    assert last["JobState"] == "COMPLETED", f"{log[-4000:]}\n{ctld_log(job_id)}"
 
     assert "hpckd: preempted by SIGUSR2: checkpoint written at epoch" in log and f"SLURM job {job_id} requeued" in log
     results = json.loads((out / "results.json").read_text())
@@ -216,7 +238,7 @@ def test_submitit_train_job_is_checkpointed_requeued_and_resumed(synth_root, tmp
     # The uninterrupted reference, in this process, while the job runs.
     ref = engine.run(load_config(None, [*common, f"out_dir={tmp_path / 'ref'}"]), mode="train")
     last = wait_for_requeue_and_end(job.job_id, job.paths.stderr)
-    assert last["JobState"] == "COMPLETED", job.paths.stderr.read_text()[-4000:]
+    assert last["JobState"] == "COMPLETED", f"{job.paths.stderr.read_text()[-4000:]}\n{ctld_log(job.job_id)}"
     result = job.result()  # what TrainJob returned in the requeued run
     (resume,) = result["resumes"]
     assert resume["slurm_restart_count"] == "1" and 3 <= resume["step"] < result["steps"] == 36
