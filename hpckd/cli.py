@@ -127,7 +127,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_dist_check(args: argparse.Namespace) -> int:
-    """Initialise torch.distributed from the launcher and all-reduce each rank's (rank + 1)."""
+    """Initialise torch.distributed from the launcher and all-reduce each rank's (rank + 1).
+
+    Rank 0 gathers every rank's report and prints them, one line per rank: concurrent writers to one stream
+    interleave (mpirun's output forwarding split a line from its newline under load)."""
     import torch
 
     from hpckd import dist
@@ -137,10 +140,16 @@ def _cmd_dist_check(args: argparse.Namespace) -> int:
     if info.distributed:
         torch.distributed.all_reduce(value)
     expected = info.world_size * (info.world_size + 1) / 2
-    print(f"rank {info.rank}/{info.world_size} launcher={info.launcher} local_rank={info.local_rank} "
-          f"device={info.device} all_reduce={value.item():g} expected={expected:g}", flush=True)
+    report = (f"rank {info.rank}/{info.world_size} launcher={info.launcher} local_rank={info.local_rank} "
+              f"device={info.device} all_reduce={value.item():g} expected={expected:g}", value.item() == expected)
+    reports = [report]
+    if info.distributed:
+        reports = [None] * info.world_size
+        torch.distributed.all_gather_object(reports, report)
+    if info.is_main:
+        print("\n".join(line for line, _ in reports), flush=True)
     dist.shutdown()
-    return 0 if value.item() == expected else 1
+    return 0 if all(ok for _, ok in reports) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

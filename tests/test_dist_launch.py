@@ -35,8 +35,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 def dist_check(cmd: list[str], env: dict[str, str]) -> list[tuple[str, ...]]:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = re.findall(r"rank (\d)/(\d) launcher=(\w+) local_rank=(\d) device=(\S+) all_reduce=([\d.]+) expected=([\d.]+)",
-                       proc.stdout)
+    # Whole lines: rank 0 prints every rank's report, so no two records can share a line.
+    lines = re.findall(r"^rank (\d)/(\d) launcher=(\w+) local_rank=(\d) device=(\S+) all_reduce=([\d.]+) expected=([\d.]+)$",
+                       proc.stdout, re.MULTILINE)
     assert sorted(line[0] for line in lines) == ["0", "1"], proc.stdout + proc.stderr
     return lines
 

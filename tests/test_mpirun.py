@@ -18,7 +18,8 @@ def test_mpirun_two_ranks_all_reduce():
     proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m", "hpckd",
                            "dist-check", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = re.findall(r"rank (\d)/(\d) launcher=(\w+) .* all_reduce=(\S+) expected=(\S+)", proc.stdout)
+    # Whole lines: rank 0 prints every rank's report, so no two records can share a line.
+    lines = re.findall(r"^rank (\d)/(\d) launcher=(\w+) .* all_reduce=(\S+) expected=(\S+)$", proc.stdout, re.MULTILINE)
     assert sorted(l[0] for l in lines) == ["0", "1"], proc.stdout
     for _rank, world, launcher, got, expected in lines:
         assert world == "2" and launcher == "mpirun"

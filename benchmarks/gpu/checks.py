@@ -415,7 +415,7 @@ def dist_check_torchrun(ctx: Ctx) -> dict:
     def launcher(n: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
-    # Ranks print concurrently to one pipe, so their lines can interleave: parse the records, not the lines.
+    # Rank 0 prints every rank's record (one line each); parse the records.
     record = re.compile(r"rank (\d+)/(\d+) launcher=(\S+) local_rank=\d+ device=(\S+) "
                         r"all_reduce=([0-9.]+) expected=([0-9.]+)")
 
