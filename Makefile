@@ -1,4 +1,5 @@
 # The two commands of the README:  make demo  and  make test.  Both set up everything they need.
+# make test-fast: the tests that need neither the SLURM cluster nor several processes nor subprocess training.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,11 +11,12 @@ SYS_PKGS := openmpi-bin libopenmpi-dev slurm-wlm munge slurmdbd mariadb-server m
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv sysdeps clean-demo help
+.PHONY: demo test test-fast lint venv sysdeps clean-demo help
 
 help:
 	@echo "make demo   - install into $(VENV) and run the embedded demo sweep (prints a table)"
-	@echo "make test   - install, start a local SLURM cluster, run the test suite, stop the cluster"
+	@echo "make test   - install, ruff check, start a local SLURM cluster, run the test suite, stop the cluster"
+	@echo "make test-fast - install, ruff check, run the tests not marked slurm/dist/slow (no cluster, no apt)"
 
 venv: $(STAMP)
 
@@ -40,10 +42,18 @@ sysdeps:
 demo: $(STAMP)
 	$(VENV)/bin/hpckd demo --out $(DEMO_OUT)
 
+# ruff reads its settings from pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hpckd tests benchmarks launchers
+
 # with_cluster.sh starts slurmctld/slurmd/slurmdbd/munged/mariadb, runs pytest, and stops every daemon it
 # started (by PID) whatever pytest's outcome.
-test: $(STAMP) sysdeps
+test: lint sysdeps
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash slurm/with_cluster.sh $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# The markers are declared in pyproject.toml. No cluster is started and no system package is installed.
+test-fast: lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slurm and not dist and not slow" $(PYTEST_ARGS) tests
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

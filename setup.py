@@ -28,7 +28,7 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorboard>=2.17"],  # tensorboard: train.tensorboard=true
+        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorboard>=2.17", "ruff>=0.6"],  # tensorboard: train.tensorboard=true
     },
     entry_points={"console_scripts": ["hpckd=hpckd.cli:main"]},
 )

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from hpckd import dist  # noqa: E402
-from hpckd.config import load_config  # noqa: E402
+from hpckd.train.experiment import load_experiment  # noqa: E402
 from hpckd.data.batch import Batch  # noqa: E402
 from hpckd.losses import LossConfig, build_loss  # noqa: E402
 from hpckd.models import create  # noqa: E402
 from hpckd.train.backends import build_backend, prepare_model  # noqa: E402
-from hpckd.train.precision import autocast  # noqa: E402
+from hpckd.precision import PrecisionPolicy, autocast  # noqa: E402
 
 # (name, backend, precision, channels_last); the first is the baseline of the ratios.
 CONFIGS = [
@@ -90,7 +90,7 @@ def _cpu_model() -> str:
 
 
 def experiment_config(args, backend: str, precision: str, channels_last: bool, world: int):
-    return load_config(None, [
+    return load_experiment(None, [
         f"dist.backend={backend}", f"dist.zero_stage={args.zero_stage}", f"train.precision={precision}",
         f"train.channels_last={str(channels_last).lower()}", f"data.batch_size={args.batch_size * world}",
         "optim.name=sgd", "optim.lr=0.01", "optim.schedule=constant", f"dist.device={args.device}",
@@ -106,7 +106,7 @@ class Bench:
         cfg = experiment_config(args, backend_name, precision, channels_last, info.world_size)
         torch.manual_seed(0)
         model = prepare_model(create(arch, args.classes), cfg, self.device)
-        self.backend = build_backend(cfg, model, info, steps_per_epoch=10**6)
+        self.backend = build_backend(cfg, model, info, 10**6, PrecisionPolicy.from_config(cfg, self.device))
         self.teacher = None
         if args.teacher:
             self.teacher = create(args.teacher, args.classes).to(self.device).eval().requires_grad_(False)

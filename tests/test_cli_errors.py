@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 
-from tests.conftest import assert_one_line_error, run_hpckd
+import pytest
+
+from tests.helpers import assert_one_line_error, run_hpckd
 
 SUBCOMMANDS = ("train", "distill", "demo", "data", "models", "dist-check")
 
@@ -16,6 +18,7 @@ def test_help_lists_every_subcommand():
         assert name in proc.stdout
 
 
+@pytest.mark.slow  # three fresh `hpckd` processes: ~8 s on a 2-core machine
 def test_unknown_key_and_wrong_type(tmp_path):
     assert_one_line_error(run_hpckd("train", "optim.lrr=0.1"), "unknown key 'optim.lrr'", "did you mean 'optim.lr'")
     assert_one_line_error(run_hpckd("train", "optim.epochs=3.5x"), "'optim.epochs' expects int")
@@ -46,6 +49,7 @@ def test_corrupt_image_names_the_path(tmp_path, synth_root):
     assert_one_line_error(run_hpckd("train", f"data.root={root}"), "bad image", str(victim))
 
 
+@pytest.mark.slow  # two fresh `hpckd` processes: ~5 s on a 2-core machine, 9 s when it is loaded
 def test_distill_without_teachers_and_missing_teacher_checkpoint(synth_root, tmp_path):
     assert_one_line_error(run_hpckd("distill", f"data.root={synth_root}"), "at least one entry in 'teachers'")
     missing = tmp_path / "t.pt"

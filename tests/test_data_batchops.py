@@ -1,5 +1,6 @@
 """Batch ops against independent expectations: Mixup is the convex combination, CutMix's box area matches its
-lambda, CutMixPick keeps the highest-entropy pool rows, the doubled batch is marked, the half split halves."""
+lambda, CutMixPick keeps the highest-entropy pool rows, the doubled batch is marked, the half split halves; the
+batch_ops section's own validation names the dotted key."""
 
 from __future__ import annotations
 
@@ -7,28 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpckd.data.batch import Batch
-from hpckd.data.batchops import BatchOpsConfig, apply_batch_ops, to_uint8
+from hpckd.config.methods import BatchOpsConfig
+from hpckd.data.batch import Batch, LabelMix
+from hpckd.data.batchops import apply_batch_ops, to_uint8, validated
 from hpckd.errors import ConfigError
 from hpckd.losses.augmented import augmented_half
-from hpckd.losses.config import LossConfig
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def make_batch(n=8, h=16, w=20, seed=0, teacher_view=False) -> Batch:
-    """Images of integer pixels (so pixel identities survive the uint8 round trip), normalised like a loader."""
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
-    x = (pixels - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    views = {"student": x}
-    if teacher_view:
-        views["teacher1"] = x.flip(-1).clone()
-    return Batch(views=views, labels=torch.arange(n) % 3, index=torch.arange(n) + 100, epoch=2)
-
-
-def gen(seed=0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from tests.helpers import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, gen, image_batch as make_batch
 
 
 def test_mixup_is_the_convex_combination_with_a_permuted_partner():
@@ -85,7 +70,7 @@ def test_doubled_identity_appends_an_exact_copy_and_marks_it():
     b.valid = torch.tensor([True] * 7 + [False])
     out = apply_batch_ops(b, BatchOpsConfig(scheme="identity"), gen())
     assert torch.equal(out.views["student"], torch.cat([b.views["student"]] * 2))
-    assert out.aug["doubled"].tolist() == [False] * 8 + [True] * 8
+    assert out.doubled.tolist() == [False] * 8 + [True] * 8 and "doubled" not in out.aug
     assert out.labels.tolist() == b.labels.tolist() * 2 and out.index.tolist() == b.index.tolist() * 2
     assert out.valid.tolist() == b.valid.tolist() * 2
     assert augmented_half(out, 16, torch.device("cpu")).tolist() == [False] * 8 + [True] * 8, "the loss reads it"
@@ -94,7 +79,7 @@ def test_doubled_identity_appends_an_exact_copy_and_marks_it():
 def test_not_doubled_replaces_the_batch():
     b = make_batch()
     out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix", doubled=False), gen())
-    assert out.size == 8 and "doubled" not in out.aug and not torch.equal(out.views["student"], b.views["student"])
+    assert out.size == 8 and out.doubled is None and not torch.equal(out.views["student"], b.views["student"])
 
 
 def test_followup_flip_flips_the_standard_view():
@@ -127,7 +112,7 @@ def test_followup_autoaugment_records_a_program_and_changes_images():
 
 def test_cutmix_pick_keeps_the_highest_entropy_pool_rows():
     b = make_batch()
-    cfg = LossConfig(pick_pool=3, pick_ratio=0.5)
+    cfg = BatchOpsConfig(scheme="cutmix_pick", pick_pool=3, pick_ratio=0.5)
     seen = {}
 
     def scorer(pool: Batch):
@@ -137,7 +122,7 @@ def test_cutmix_pick_keeps_the_highest_entropy_pool_rows():
         temperature = (m - m.min() + 0.1)[:, None]
         return torch.arange(10.0)[None, :] / temperature, None
 
-    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix_pick"), gen(8), scorer=scorer, loss_cfg=cfg)
+    out = apply_batch_ops(b, cfg, gen(8), scorer=scorer)
     pool = seen["pool"]
     assert pool.size == 24
     logits = np.arange(10.0)[None, :] / (pool.views["student"].mean(dim=(1, 2, 3)).numpy() -
@@ -149,7 +134,8 @@ def test_cutmix_pick_keeps_the_highest_entropy_pool_rows():
     rec = out.aug["cutmix_pick"]
     assert sorted(rec["pick"].tolist()) == sorted(expected.tolist())
     assert torch.allclose(out.views["student"][8:], pool.views["student"][rec["pick"]])
-    assert out.aug["doubled"].sum() == 12 and out.index[8:].tolist() == pool.index[rec["pick"]].tolist()
+    assert out.doubled.sum() == 12 and out.index[8:].tolist() == pool.index[rec["pick"]].tolist()
+    assert pool.doubled is None and pool.label_mix is None and pool.aug == {}, "the pool carries no loss markers"
 
 
 def test_cutmix_pick_without_a_scorer_is_a_config_error():
@@ -179,3 +165,48 @@ def test_same_seed_same_ops_other_seed_other_ops():
 def test_unknown_scheme_is_a_config_error():
     with pytest.raises(ConfigError, match="scheme"):
         apply_batch_ops(make_batch(), BatchOpsConfig(scheme="mixxup"), gen())
+
+
+def test_ops_do_not_touch_their_input_batch():
+    """Batch.replace builds new batches: the loader's batch keeps its fields (a logit store may hold on to it)."""
+    b = make_batch(teacher_view=True)
+    b.aug["student"] = {"flip": torch.zeros(8)}
+    views, labels, aug = dict(b.views), b.labels.clone(), dict(b.aug)
+    out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix", half_split="crop"), gen(9))
+    assert b.views.keys() == views.keys() and all(torch.equal(b.views[k], views[k]) for k in views)
+    assert torch.equal(b.labels, labels) and b.aug == aug and b.doubled is None and b.label_mix is None
+    assert set(out.aug) == {"student", "cutmix", "half_split"}, "replay records only"
+    assert out.epoch == 2 and isinstance(out.label_mix, LabelMix) and out.doubled.sum() == 8
+
+
+def test_batch_to_moves_the_loss_fields_and_keeps_replay_records():
+    b = make_batch(n=4)
+    b = b.replace(doubled=torch.tensor([False, False, True, True]),
+                  label_mix=LabelMix(partner_label=torch.tensor([0, 1, 2, 0]), lam=torch.tensor([1.0, 1.0, 0.3, 0.6])),
+                  aug={"mixup": {"lam": torch.tensor([0.3, 0.6])}})
+    moved = b.to("meta")
+    assert moved.doubled.device.type == "meta" and moved.label_mix.lam.device.type == "meta"
+    assert moved.label_mix.partner_label.device.type == "meta" and moved.views["student"].device.type == "meta"
+    assert moved.aug is b.aug and moved.epoch == b.epoch and b.doubled.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"scheme": "mixxup"}, "batch_ops.scheme"),
+        ({"half_split": "top"}, "batch_ops.half_split"),
+        ({"mixup_alpha": 0.0}, "batch_ops.mixup_alpha"),
+        ({"pick_criterion": "margin"}, "batch_ops.pick_criterion"),
+        ({"pick_order": "middle"}, "batch_ops.pick_order"),
+        ({"pick_ratio": 0.0}, "batch_ops.pick_ratio"),
+        ({"pick_ratio": 1.5}, "batch_ops.pick_ratio"),
+        ({"pick_pool": 0}, "batch_ops.pick_pool"),
+        ({"pick_tau": 0.0}, "batch_ops.pick_tau"),
+    ],
+)
+def test_bad_batch_ops_values_name_the_dotted_key(changes, key):
+    with pytest.raises(ConfigError) as info:
+        validated(BatchOpsConfig(**changes))
+    message = str(info.value)
+    assert f"'{key}'" in message and "\n" not in message
+    validated(BatchOpsConfig(pick_ratio=1.0, pick_pool=1, pick_criterion="kl", pick_order="lowest"))  # edges are valid

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpckd.config import IMAGENET_MEAN, IMAGENET_STD, load_config
+from hpckd.config import IMAGENET_MEAN, IMAGENET_STD
+from hpckd.train.experiment import load_experiment
 from hpckd.data.aug import train_policy
 from hpckd.data.batch import ImageFormat
 from hpckd.data.dali import DaliLoader, ShardSpec
@@ -51,9 +52,9 @@ def test_default_format_is_float32_nchw(synth_root):
 
 
 def test_config_maps_dtype_and_layout():
-    cfg = load_config(None, ["data.dtype=bfloat16", "train.precision=bf16", "train.channels_last=true"])
+    cfg = load_experiment(None, ["data.dtype=bfloat16", "train.precision=bf16", "train.channels_last=true"])
     assert image_format(cfg) == ImageFormat(dtype="bfloat16", channels_last=True)
-    assert image_format(load_config(None, [])) == ImageFormat()
+    assert image_format(load_experiment(None, [])) == ImageFormat()
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -63,4 +64,4 @@ def test_config_maps_dtype_and_layout():
 ])
 def test_bad_dtype_settings_are_one_clear_error(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        load_config(None, overrides)
+        load_experiment(None, overrides)

@@ -88,12 +88,12 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
     import json
     import torch.distributed as tdist
 
-    from hpckd.config import load_config
+    from hpckd.train.experiment import load_experiment
     from hpckd.data.loaders import build_loaders
     from hpckd.dist import DistInfo
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = load_config(None, [f"data.root={root}", "data.batch_size=32", "data.eval_batch_size=12",
+    cfg = load_experiment(None, [f"data.root={root}", "data.batch_size=32", "data.eval_batch_size=12",
                              "data.num_workers=1", "aug=weak", "data.index_cache=off"])
     loaders = build_loaders(cfg, DistInfo(rank=rank, world_size=2))
     loaders.train.set_epoch(1)
@@ -107,6 +107,7 @@ def _two_rank_worker(rank: int, port: int, root: str, out: str) -> None:
     tdist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_two_real_ranks_shard_training_and_cover_evaluation_exactly_once(synth_root, tmp_path):
     import json
     import socket

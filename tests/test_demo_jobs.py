@@ -19,7 +19,7 @@ import torch
 
 from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.sweep import demo
-from hpckd.train.checkpoint import CheckpointStore, load_checkpoint
+from hpckd.checkpoint import CheckpointStore, load_checkpoint
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 16, 4
 BATCH = 32  # the demo's data.batch_size
@@ -40,6 +40,7 @@ def submitted_calls(root: Path) -> list:
     return [submitit.helpers.DelayedSubmission.load(f).function for f in files]
 
 
+@pytest.mark.slow  # submitit's local executor trains each job in its own process
 def test_the_demo_submits_checkpointable_stage_jobs(data_root, tmp_path):
     jobs = demo.teacher_jobs(data_root, 1)
     demo.run_stage(jobs, tmp_path, "local")  # the real submitit local executor: one process per job
@@ -57,6 +58,7 @@ def test_the_demo_submits_checkpointable_stage_jobs(data_root, tmp_path):
         assert json.loads((job.out_dir(tmp_path) / "results.json").read_text())["steps"] == STEPS_PER_EPOCH
 
 
+@pytest.mark.slow  # the other job still trains in its own process
 def test_a_finished_stage_is_not_submitted_again(data_root, tmp_path):
     jobs = demo.teacher_jobs(data_root, 1)
     (jobs[0].out_dir(tmp_path)).mkdir(parents=True)

@@ -16,7 +16,7 @@ import pytest
 
 from hpckd import dist
 from hpckd.errors import UserError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 LAUNCHERS = REPO / "launchers"
 
@@ -49,15 +49,19 @@ def assert_two_ranks(lines, launcher: str) -> None:
     assert sorted(line[3] for line in lines) == ["0", "1"]  # both on one node: local ranks 0 and 1
 
 
+@pytest.mark.dist
 def test_torchrun_launcher_two_ranks():
     assert_two_ranks(dist_check([str(LAUNCHERS / "torchrun.sh"), "dist-check", "--cpu"], clean_env(NPROC="2")), "torchrun")
 
 
+@pytest.mark.dist
 def test_mpirun_launcher_two_ranks():
     env = clean_env(NP="2", MPIRUN_ARGS="--oversubscribe")
     assert_two_ranks(dist_check([str(LAUNCHERS / "mpirun.sh"), "dist-check", "--cpu"], env), "mpirun")
 
 
+@pytest.mark.slurm
+@pytest.mark.dist
 def test_srun_launcher_two_tasks_on_the_local_cluster():
     if not os.environ.get("HPCKD_SLURM_STATE"):
         pytest.fail("needs a live SLURM cluster: run via `bash slurm/with_cluster.sh .venv/bin/python -m pytest "

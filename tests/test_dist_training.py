@@ -31,16 +31,17 @@ import cloudpickle
 import pytest
 import torch
 
-from hpckd.config import load_config
+from hpckd.train.experiment import load_experiment
 from hpckd.sweep.executor import make_executor
 from hpckd.train import engine
-from hpckd.train.checkpoint import CheckpointStore, load_checkpoint
+from hpckd.checkpoint import CheckpointStore, load_checkpoint
 from hpckd.train.job import TrainJob
-from tests.conftest import REPO, run_hpckd
+from tests.helpers import REPO, run_hpckd
 
 # submitit jobs unpickle PreemptingTrainJob below; ship this module by value so they need not import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # two-process training runs (torchrun, srun)
 JOB_TIMEOUT_S = 420.0  # bound on the whole SLURM job (two runs and a requeue) on a loaded 2-core machine
 POLL_S = 0.5
 EPOCHS, STEPS_PER_EPOCH = 3, 12  # 192 training images / global batch 16
@@ -186,6 +187,7 @@ def ctld_log(job_id: str) -> str:
     return "SLURM logs about the job:\n" + "\n".join(sorted(lines)[-40:])
 
 
+@pytest.mark.slurm
 def test_preempted_slurm_job_requeues_and_finishes_like_the_uninterrupted_run(synth_root, ds_run, tmp_path):
     require_cluster()
     out = tmp_path / "run"
@@ -228,6 +230,7 @@ class PreemptingTrainJob(TrainJob):
         return super().__call__()
 
 
+@pytest.mark.slurm
 def test_submitit_train_job_is_checkpointed_requeued_and_resumed(synth_root, tmp_path):
     require_cluster()
     common = ["model.arch=resnet8", "aug=none", "data.loader=torch", "data.num_workers=0", "data.batch_size=16",
@@ -236,7 +239,7 @@ def test_submitit_train_job_is_checkpointed_requeued_and_resumed(synth_root, tmp
     executor = make_executor("slurm", tmp_path / "submitit", timeout_min=15, cpus_per_task=1)
     job = executor.submit(PreemptingTrainJob("train", None, [*common, f"out_dir={out}"]))
     # The uninterrupted reference, in this process, while the job runs.
-    ref = engine.run(load_config(None, [*common, f"out_dir={tmp_path / 'ref'}"]), mode="train")
+    ref = engine.run(load_experiment(None, [*common, f"out_dir={tmp_path / 'ref'}"]), mode="train")
     last = wait_for_requeue_and_end(job.job_id, job.paths.stderr)
     assert last["JobState"] == "COMPLETED", f"{job.paths.stderr.read_text()[-4000:]}\n{ctld_log(job.job_id)}"
     result = job.result()  # what TrainJob returned in the requeued run

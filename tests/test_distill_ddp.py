@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from tests.conftest import run_hpckd
+from tests.helpers import run_hpckd
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 NUM_CLASSES = 4
 VAL_SAMPLES = 40

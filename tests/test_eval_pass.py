@@ -1,4 +1,4 @@
-"""The evaluation pass (hpckd.metrics.runner.evaluate) with real teachers: CAM-IoU between teachers checked
+"""The evaluation pass (hpckd.train.evaluation.evaluate) with real teachers: CAM-IoU between teachers checked
 against an independent numpy computation of the attention study's Eq. 1."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hpckd.config import load_config
+from hpckd.train.experiment import load_experiment
 from hpckd.data.batch import Batch
-from hpckd.metrics.runner import evaluate
+from hpckd.train.evaluation import evaluate
 from hpckd.models import create
 from hpckd.teachers import TeacherSet
 
@@ -41,11 +41,11 @@ def test_teacher_cam_iou_matches_numpy_and_identical_teachers_give_one():
     gen = torch.Generator().manual_seed(1)
     batches = [Batch(views={"student": torch.randn(6, 3, 32, 32, generator=gen)}, labels=torch.randint(0, 5, (6,), generator=gen),
                      index=torch.arange(6) + 6 * i) for i in range(3)]
-    cfg = load_config(None, [])
+    cfg = load_experiment(None, [])
     metrics = evaluate(student, batches, TeacherSet.from_models(teachers, "cpu"), 5, cfg.metrics)
     assert metrics["teacher_iou_count"] == 18
     assert abs(metrics["teacher_iou"] - numpy_cam_iou(teachers, batches)) < 1e-6
     same = evaluate(student, batches, TeacherSet.from_models([teachers[0], teachers[0]], "cpu"), 5, cfg.metrics)
     assert same["teacher_iou"] == 1.0 and same["teacher_iou_pooled"] == 1.0
-    off = evaluate(student, batches, TeacherSet.from_models(teachers, "cpu"), 5, load_config(None, ["metrics.attention_iou=false"]).metrics)
+    off = evaluate(student, batches, TeacherSet.from_models(teachers, "cpu"), 5, load_experiment(None, ["metrics.attention_iou=false"]).metrics)
     assert "teacher_iou" not in off

@@ -9,7 +9,7 @@ import torch
 
 from hpckd.errors import CheckpointError
 from hpckd.io import atomic_save, atomic_write_json
-from hpckd.train.checkpoint import load_checkpoint, save_checkpoint
+from hpckd.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):

@@ -1,6 +1,6 @@
 """Tests of hpckd.losses: registry, CE, Hinton/ensemble KD, pure KD, logit-standardised KD, bad input.
 
-Expected values come from the numpy references in ``test_losses_ref`` (the papers' formulas) or by hand.
+Expected values come from the numpy references in ``tests/helpers.py`` (the papers' formulas) or by hand.
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ import torch
 from omegaconf import OmegaConf
 
 from hpckd.errors import ConfigError
-from hpckd.losses import LossConfig, NonFiniteError, available, build_loss, check_loss_finite
-from tests import test_losses_ref as ref
-from tests.test_losses_ref import (
-    make_batch,
-    np_,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
-    rand_logits,
+from hpckd.losses import (
+    DAConfig,
+    LossConfig,
+    NonFiniteError,
+    TargetsConfig,
+    WSLConfig,
+    available,
+    build_loss,
+    check_loss_finite,
 )
+from hpckd.losses.config import SECTION_CHECKS, validated
+from tests import helpers as ref
+from tests.helpers import label_batch as make_batch, np_, rand_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- registry and config
 
@@ -41,10 +48,27 @@ def test_unknown_loss_key_names_closest():
         build_loss({"name": "kd", "kd_weigth": 0.5})
 
 
-def test_build_from_dictconfig_and_experiment_config():
-    from hpckd.config import load_config
+def test_subsections_from_nested_mappings_and_their_unknown_keys():
+    loss = build_loss({"name": "wsl", "wsl": {"weight_tau": "one"}, "targets": {"subset": "correct"}})
+    assert loss.cfg.wsl == WSLConfig(weight_tau="one") and loss.cfg.targets.subset == "correct"
+    assert loss.cfg.da == DAConfig(), "untouched subsections keep their defaults"
+    with pytest.raises(ConfigError, match=r"'loss.wsl.weight_tua' \(did you mean 'loss.wsl.weight_tau'\?\)"):
+        build_loss({"name": "wsl", "wsl": {"weight_tua": "one"}})
+    with pytest.raises(ConfigError, match=r"'loss.pick_ratio' moved to 'batch_ops.pick_ratio'"):
+        build_loss({"name": "kd", "pick_ratio": 0.3})
 
-    cfg = load_config(overrides=["loss.name=kd", "loss.alpha=0.25", "loss.tau=2.0"])
+
+def test_every_loss_subsection_has_its_validator():
+    import dataclasses
+
+    nested = {f.name for f in dataclasses.fields(LossConfig) if dataclasses.is_dataclass(f.default_factory)}
+    assert nested == set(SECTION_CHECKS) == {"da", "wsl", "targets"}
+
+
+def test_build_from_dictconfig_and_experiment_config():
+    from hpckd.train.experiment import load_experiment
+
+    cfg = load_experiment(overrides=["loss.name=kd", "loss.alpha=0.25", "loss.tau=2.0"])
     loss = build_loss(cfg.loss)
     assert (loss.cfg.ce_weight, loss.cfg.kd_weight, loss.cfg.tau) == (0.25, 0.75, 2.0)
     loss2 = build_loss(OmegaConf.create({"name": "ce"}))
@@ -52,13 +76,13 @@ def test_build_from_dictconfig_and_experiment_config():
 
 
 def test_alpha_is_the_hard_label_weight():
-    cfg = LossConfig(name="kd", alpha=0.2).validated()
+    cfg = validated(LossConfig(name="kd", alpha=0.2))
     assert (cfg.ce_weight, cfg.kd_weight) == (0.2, 0.8)
-    assert cfg.validated() == cfg  # idempotent
+    assert validated(cfg) == cfg  # idempotent
     with pytest.raises(ConfigError, match="both set"):
-        LossConfig(alpha=0.2, ce_weight=0.5, kd_weight=0.5).validated()
+        validated(LossConfig(alpha=0.2, ce_weight=0.5, kd_weight=0.5))
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-        LossConfig(alpha=1.5).validated()
+        validated(LossConfig(alpha=1.5))
 
 
 @pytest.mark.parametrize(
@@ -66,7 +90,14 @@ def test_alpha_is_the_hard_label_weight():
     [
         ("tau", 0.0, "> 0"),
         ("kd_form", "mse", "cross_entropy, kl"),
-        ("pick_ratio", 0.0, "pick_ratio"),
+        ("da", DAConfig(aug_kd_weight=-0.5), "'loss.da.aug_kd_weight' is -0.5; it must be >= 0"),
+        ("wsl", WSLConfig(weight_tau="two"), "'loss.wsl.weight_tau' is 'two'; choose one of tau, one"),
+        ("targets", TargetsConfig(subset="hard"), "'loss.targets.subset' is 'hard'"),
+        ("targets", TargetsConfig(replace="most"), "'loss.targets.replace' is 'most'"),
+        ("targets", TargetsConfig(manipulate="sharpen"), "'loss.targets.manipulate' is 'sharpen'"),
+        ("targets", TargetsConfig(smoothing=1.5), r"'loss.targets.smoothing' is 1.5; choose a value in \[0, 1\]"),
+        ("targets", TargetsConfig(smoothing_form="paper"), "'loss.targets.smoothing_form' is 'paper'"),
+        ("targets", TargetsConfig(amplify_delta=-0.1), "'loss.targets.amplify_delta' is -0.1"),
         ("ensemble", "vote", "per_teacher_loss, mean_probs, mean_logits"),
         ("kd_weight", -1.0, ">= 0"),
     ],

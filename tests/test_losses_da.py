@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from hpckd.config.methods import BatchOpsConfig, DAConfig
 from hpckd.data.batch import Batch
+from hpckd.data.batchops import validated
+from hpckd.data.cutmixpick import n_keep, needs_student, pick_indices, pick_scores, select
 from hpckd.errors import ConfigError
 from hpckd.losses import LossConfig, build_loss
-from hpckd.losses.cutmixpick import n_keep, needs_student, pick_indices, pick_scores, select
-from tests import test_losses_ref as ref
-from tests.test_losses_ref import (
-    np_,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
-    rand_logits,
-)
+from tests import helpers as ref
+from tests.helpers import np_, rand_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def doubled_batch(labels, doubled, valid=None) -> Batch:
@@ -25,7 +25,7 @@ def doubled_batch(labels, doubled, valid=None) -> Batch:
         views={"student": torch.zeros(n, 3, 2, 2)},
         labels=labels,
         index=torch.arange(n),
-        aug={"doubled": torch.as_tensor(doubled, dtype=torch.bool)},
+        doubled=torch.as_tensor(doubled, dtype=torch.bool),
         valid=None if valid is None else torch.as_tensor(valid, dtype=torch.bool),
     )
 
@@ -49,7 +49,7 @@ def expected_kd_da(s, t, labels, ce_w, kd_w, aug_w, tau, keep=None):
 def test_kd_da_golden_values():
     s, t = rand_logits(6, 5, 0), rand_logits(6, 5, 1)
     labels = [0, 1, 2, 3, 4, 0]
-    cfg = LossConfig(name="kd_da", alpha=0.1, tau=4.0, kd_form="kl", aug_kd_weight=0.5)
+    cfg = LossConfig(name="kd_da", alpha=0.1, tau=4.0, kd_form="kl", da=DAConfig(aug_kd_weight=0.5))
     out = build_loss(cfg)(s, [t], doubled_batch(labels, DOUBLED))
     total, ce, kl_orig, kl_aug = expected_kd_da(s, t, labels, 0.1, 0.9, 0.5, 4.0)
     assert out["loss"].item() == pytest.approx(total, rel=1e-10)
@@ -92,7 +92,7 @@ def test_kd_da_gradcheck():
 
 def test_kd_da_requires_the_marker():
     b = Batch(views={"student": torch.zeros(2, 3, 2, 2)}, labels=torch.tensor([0, 1]), index=torch.arange(2))
-    with pytest.raises(ConfigError, match=r"batch.aug\['doubled'\]"):
+    with pytest.raises(ConfigError, match=r"needs a doubled batch \(batch.doubled"):
         build_loss(LossConfig(name="kd_da"))(rand_logits(2, 3, 0), [rand_logits(2, 3, 1)], b)
     with pytest.raises(ConfigError, match="marks 3 samples but the student gave 2"):
         build_loss(LossConfig(name="kd_da"))(
@@ -127,19 +127,33 @@ def test_pick_scores_against_numpy():
 def test_select_keeps_highest_teacher_entropy_by_default():
     # Rows: near one-hot (low entropy) ... uniform (maximal entropy); a pool of 4, keep 2.
     t = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
-    cfg = LossConfig().validated()
+    cfg = validated(BatchOpsConfig(scheme="cutmix_pick"))
     assert cfg.pick_criterion == "teacher_entropy" and cfg.pick_ratio == 0.5 and cfg.pick_order == "highest"
     assert select(t, None, cfg).tolist() == [1, 3]
-    assert select(t, None, LossConfig(pick_order="lowest")).tolist() == [0, 2]
-    assert not needs_student(cfg) and needs_student(LossConfig(pick_criterion="kl"))
+    assert select(t, None, BatchOpsConfig(pick_order="lowest")).tolist() == [0, 2]
+    assert not needs_student(cfg) and needs_student(BatchOpsConfig(scheme="cutmix_pick", pick_criterion="kl"))
+    assert needs_student(BatchOpsConfig(scheme="cutmix_pick", pick_criterion="student_entropy"))
+    assert not needs_student(BatchOpsConfig(scheme="cutmix", pick_criterion="kl")), "no pool, no student pass"
 
 
 def test_select_by_kl_and_student_entropy_orders():
     t = torch.zeros(4, 3)
     s = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
     # KL(uniform || student) grows with the student's peakedness; student entropy shrinks with it.
-    assert select(t, s, LossConfig(pick_criterion="kl", tau=1.0)).tolist() == [1, 3]
-    assert select(t, s, LossConfig(pick_criterion="kl", tau=1.0, pick_order="lowest")).tolist() == [0, 2]
-    assert select(t, s, LossConfig(pick_criterion="student_entropy")).tolist() == [0, 2]
+    assert select(t, s, BatchOpsConfig(pick_criterion="kl", pick_tau=1.0)).tolist() == [1, 3]
+    assert select(t, s, BatchOpsConfig(pick_criterion="kl", pick_tau=1.0, pick_order="lowest")).tolist() == [0, 2]
+    assert select(t, s, BatchOpsConfig(pick_criterion="student_entropy")).tolist() == [0, 2]
     with pytest.raises(ConfigError, match="needs the student's logits"):
-        select(t, None, LossConfig(pick_criterion="student_entropy"))
+        select(t, None, BatchOpsConfig(pick_criterion="student_entropy"))
+
+
+def test_kl_criterion_scores_at_batch_ops_pick_tau():
+    """The kl criterion's temperature is batch_ops.pick_tau (the loss config no longer reaches the batch ops)."""
+    t, s = rand_logits(8, 5, 40), rand_logits(8, 5, 60)
+    picked = {}
+    for tau in (1.0, 8.0):
+        kl = ref.kd_kl(np_(s), np_(t), tau) / tau**2  # plain KL(p_t || p_s) at temperature tau
+        expected = np.argsort(-kl, kind="stable")[:4]
+        picked[tau] = select(t, s, BatchOpsConfig(pick_criterion="kl", pick_tau=tau)).tolist()
+        assert picked[tau] == expected.tolist()
+    assert set(picked[1.0]) != set(picked[8.0]), "the temperature must change the choice on these logits"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpckd.data.batchops import BatchOpsConfig, apply_batch_ops
+from hpckd.config.methods import BatchOpsConfig, LossConfig
+from hpckd.data.batchops import apply_batch_ops
 from hpckd.losses import build_loss
-from hpckd.losses.config import LossConfig
-from tests.test_data_batchops import gen, make_batch
+from tests.helpers import gen, image_batch as make_batch
 
 C = 3  # make_batch labels are arange(n) % 3
 
@@ -87,15 +87,15 @@ def test_kd_hard_label_term_is_mixed_and_kd_term_is_not_touched():
 
 def test_cutmix_pick_records_the_kept_rows_partners():
     before = make_batch(n=8)
-    loss_cfg = LossConfig(name="kd_da", pick_pool=3, pick_ratio=0.5)
+    cfg = BatchOpsConfig(scheme="cutmix_pick", doubled=True, pick_pool=3, pick_ratio=0.5)
     scores = torch.randn(24, C, generator=torch.Generator().manual_seed(9))
-    out = apply_batch_ops(before, BatchOpsConfig(scheme="cutmix_pick", doubled=True), gen(8),
-                          scorer=lambda pool: (scores, None), loss_cfg=loss_cfg)
-    rec, mix = out.aug["cutmix_pick"], out.aug["label_mix"]
+    out = apply_batch_ops(before, cfg, gen(8), scorer=lambda pool: (scores, None))
+    rec, mix = out.aug["cutmix_pick"], out.label_mix
+    assert "label_mix" not in out.aug, "what changes the loss is a typed field, not a replay record"
     kept = int(rec["source"].numel())
     assert kept == 12 and out.size == 8 + kept
     own = before.labels.numpy()
-    assert mix["partner_label"][:8].tolist() == own.tolist() and mix["lam"][:8].tolist() == [1.0] * 8
-    assert mix["partner_label"][8:].tolist() == own[rec["partner"].numpy()].tolist()
-    assert np.allclose(mix["lam"][8:].numpy(), rec["lam"].numpy())
+    assert mix.partner_label[:8].tolist() == own.tolist() and mix.lam[:8].tolist() == [1.0] * 8
+    assert mix.partner_label[8:].tolist() == own[rec["partner"].numpy()].tolist()
+    assert np.allclose(mix.lam[8:].numpy(), rec["lam"].numpy())
     assert out.labels[8:].tolist() == own[rec["source"].numpy()].tolist()

@@ -11,16 +11,13 @@ import pytest
 import torch
 
 from hpckd.errors import ConfigError
-from hpckd.losses import LossConfig, build_loss
+from hpckd.losses import LossConfig, TargetsConfig, WSLConfig, build_loss
 from hpckd.losses import targets as T
 from hpckd.losses.recipes import efficient_distillation_stages, recipe, stage_at
-from tests import test_losses_ref as ref
-from tests.test_losses_ref import (
-    make_batch,
-    np_,
-    one_torch_thread,  # noqa: F401  (autouse fixture)
-    rand_logits,
-)
+from tests import helpers as ref
+from tests.helpers import label_batch as make_batch, np_, rand_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logits_of(probs) -> torch.Tensor:
@@ -107,7 +104,8 @@ def test_soft_target_kd_confidence_replacement_on_correct_subset():
     weak, strong, s = rand_logits(6, 5, 10), rand_logits(6, 5, 11), rand_logits(6, 5, 12)
     labels = weak.argmax(dim=1).clone()
     labels[[1, 4]] = (labels[[1, 4]] + 1) % 5  # the weak teacher is wrong on samples 1 and 4
-    cfg = LossConfig(name="soft_target_kd", tau=2.0, alpha=0.0, target_replace="confidence", target_subset="correct")
+    rule = TargetsConfig(replace="confidence", subset="correct")
+    cfg = LossConfig(name="soft_target_kd", tau=2.0, alpha=0.0, targets=rule)
     out = build_loss(cfg)(s, [weak, strong], make_batch(labels))
     pw, ps = ref.softmax(np_(weak), 2.0), ref.softmax(np_(strong), 2.0)
     target = pw.copy()
@@ -122,7 +120,8 @@ def test_soft_target_kd_label_smoothing_on_reg_correct():
     """The response_analysis recipe (tau 1, no CE, label smoothing on reg & correct samples), at t = 0.9."""
     teacher = logits_of([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]])
     student = logits_of([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3]])
-    cfg = dataclasses.replace(recipe("response_analysis"), smoothing=0.9)
+    base = recipe("response_analysis")
+    cfg = dataclasses.replace(base, targets=dataclasses.replace(base.targets, smoothing=0.9))
     out = build_loss(cfg)(student, [teacher], make_batch([0, 0]))
     target = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1]])  # sample 0 smoothed (Eq. 3), sample 1 unchanged
     assert out["kd"].item() == pytest.approx(ref.kd_probs(np_(student), target, 1.0).mean(), rel=1e-10)
@@ -138,7 +137,8 @@ def test_student_amplification_uses_student_distribution():
     t = logits_of([[0.2, 0.5, 0.3]])
     s = logits_of([[0.5, 0.3, 0.2]])
     cfg = LossConfig(
-        name="soft_target_kd", tau=1.0, alpha=0.0, target_manipulate="student_amplification", amplify_delta=0.2
+        name="soft_target_kd", tau=1.0, alpha=0.0,
+        targets=TargetsConfig(manipulate="student_amplification", amplify_delta=0.2),
     )
     out = build_loss(cfg)(s, [t], make_batch([0]))
     assert out["kd"].item() == pytest.approx(ref.kd_probs(np_(s), [[0.7, 0.18, 0.12]], 1.0)[0], rel=1e-10)
@@ -147,7 +147,9 @@ def test_student_amplification_uses_student_distribution():
 @pytest.mark.parametrize("manip", ["label_smoothing", "teacher_amplification"])
 def test_soft_target_kd_gradcheck(manip):
     t = rand_logits(3, 4, 15)
-    loss = build_loss(LossConfig(name="soft_target_kd", tau=2.0, ce_weight=0.3, kd_weight=0.7, target_manipulate=manip))
+    cfg = LossConfig(name="soft_target_kd", tau=2.0, ce_weight=0.3, kd_weight=0.7,
+                     targets=TargetsConfig(manipulate=manip))
+    loss = build_loss(cfg)
     s = rand_logits(3, 4, 16).requires_grad_()
     b = make_batch([0, 1, 2])
     assert torch.autograd.gradcheck(lambda x: loss(x, [t], b)["loss"], (s,), eps=1e-6, atol=1e-7)
@@ -155,13 +157,14 @@ def test_soft_target_kd_gradcheck(manip):
 
 def test_soft_target_kd_bad_configs():
     with pytest.raises(ConfigError, match="one at a time"):
-        build_loss(LossConfig(name="soft_target_kd", target_replace="full", target_manipulate="label_smoothing"))
+        both = TargetsConfig(replace="full", manipulate="label_smoothing")
+        build_loss(LossConfig(name="soft_target_kd", targets=both))
     with pytest.raises(ConfigError, match="at least 2 teacher"):
-        build_loss(LossConfig(name="soft_target_kd", target_replace="full"))(
+        build_loss(LossConfig(name="soft_target_kd", targets=TargetsConfig(replace="full")))(
             rand_logits(2, 3, 0), [rand_logits(2, 3, 1)], make_batch([0, 1])
         )
-    with pytest.raises(ConfigError, match="target_subset"):
-        build_loss(LossConfig(name="soft_target_kd", target_subset="hard"))
+    with pytest.raises(ConfigError, match="'loss.targets.subset' is 'hard'"):
+        build_loss(LossConfig(name="soft_target_kd", targets=TargetsConfig(subset="hard")))
 
 
 # ---------------------------------------------------------------- WSL
@@ -177,7 +180,8 @@ def np_wsl_weight(s, t, labels, tau_s, tau_t, eps=0.0):
 def test_wsl_golden(weight_tau, tau_s, tau_t, eps):
     s, t = rand_logits(5, 6, 20), rand_logits(5, 6, 21)
     labels = [0, 1, 2, 3, 4]
-    cfg = LossConfig(name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1, wsl_weight_tau=weight_tau)
+    cfg = LossConfig(name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1,
+                     wsl=WSLConfig(weight_tau=weight_tau))
     out = build_loss(cfg)(s, [t], make_batch(labels))
     w = np_wsl_weight(np_(s), np_(t), labels, tau_s, tau_t, eps)
     kd = (w * ref.kd_ce(np_(s), np_(t), 2.0)).mean()
@@ -230,6 +234,23 @@ def test_ckm_by_hand():
     assert out["mined_frac"].item() == pytest.approx(1 / 3)
 
 
+def test_ckm_reads_the_label_smoothed_target_from_loss_targets():
+    """Eq. 3 with t = loss.targets.smoothing in both forms: eq3 (others (1-t)/(C-1)) and code (t onehot + (1-t)/C)."""
+    t = logits_of([[0.6, 0.3, 0.1]])
+    s = logits_of([[0.9, 0.05, 0.05]])  # teacher correct and less confident than the student: mined
+    for form, smoothed in (("eq3", [0.9, 0.05, 0.05]), ("code", [0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])):
+        cfg = LossConfig(name="ckm", tau=1.0, ce_weight=0.0, targets=TargetsConfig(smoothing=0.9, smoothing_form=form))
+        out = build_loss(cfg)(s, [t], make_batch([0]))
+        assert out["mined_frac"].item() == 1.0
+        assert out["loss"].item() == pytest.approx(-(np.array(smoothed) * ref.log_softmax(np_(s))[0]).sum(), rel=1e-10)
+
+
+def test_recipes_do_not_share_their_subsections():
+    one = recipe("efficient_stage2")
+    one.targets.smoothing = 0.5
+    assert recipe("efficient_stage2").targets.smoothing == 0.99
+
+
 def test_ckm_mining_uses_teacher_temperature():
     # With tau_t = 0.7 the teacher sharpens from 0.6 to 0.69 on class 0, above the student's 0.65: not mined;
     # at tau_t = 1 the same sample is mined (0.6 < 0.65).
@@ -268,17 +289,17 @@ def test_efficient_distillation_two_stage_schedule():
     assert [(s.name, s.epochs, s.teacher) for s in stages] == [("stage1", 240, "first"), ("stage2", 60, "second")]
     one, two = stages
     assert (one.loss.name, one.loss.tau, one.loss.label_smoothing) == ("wsl", 2.0, 0.1)
-    assert (two.loss.name, two.loss.tau, two.loss.teacher_tau, two.loss.smoothing) == ("ckm", 1.0, 0.7, 0.99)
+    assert (two.loss.name, two.loss.tau, two.loss.teacher_tau, two.loss.targets.smoothing) == ("ckm", 1.0, 0.7, 0.99)
     assert "optim.weight_decay=4e-05" in one.overrides and "optim.lr=0.5" in one.overrides
     assert "optim.weight_decay=0.0" in two.overrides and "optim.lr=0.05" in two.overrides
     assert stage_at(stages, 0).name == "stage1" and stage_at(stages, 239).name == "stage1"
     assert stage_at(stages, 240).name == "stage2" and stage_at(stages, 400).name == "stage2"
     assert [s.epochs for s in efficient_distillation_stages(10)] == [8, 2]
-    from hpckd.config import load_config
+    from hpckd.train.experiment import load_experiment
 
-    cfg = load_config(overrides=list(two.overrides))  # the overrides are valid experiment-config keys
+    cfg = load_experiment(overrides=list(two.overrides))  # the overrides are valid experiment-config keys
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.05, 0.0)
-    assert math.isclose(load_config(overrides=list(one.overrides)).optim.weight_decay, 4e-5)
+    assert math.isclose(load_experiment(overrides=list(one.overrides)).optim.weight_decay, 4e-5)
 
 
 def test_ckm_gradcheck():

@@ -8,11 +8,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpckd.metrics import Evaluator, IoUAccumulator, TStdDev
+
+pytestmark = pytest.mark.dist
 
 C, N, WORLD, BATCH = 6, 103, 2, 8
 OPTIONS = {"tstddev_group_size": 10, "n_bins": 10}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hpckd.metrics import Evaluator, EvaluatorOptions
-from tests.test_metrics_functions import np_ece, np_log_softmax, np_mi_eq4, np_softmax
+from tests.helpers import np_ece, np_log_softmax, np_mi_eq4, np_softmax
 
 C = 7
 FIXED = 2**-27  # tolerance of means of fixed-point sums (each addend rounded to 2**-28)
@@ -88,7 +88,7 @@ def test_options_kl_ece_and_per_batch_mi(data: dict[str, np.ndarray]) -> None:
     assert out["mutual_information"] == pytest.approx(per_batch, abs=FIXED)
     assert out["mutual_information"] != pytest.approx(np_mi_eq4(t.argmax(1), s.argmax(1), C), rel=1e-3)
     with pytest.raises(ValueError):
-        EvaluatorOptions(kl_direction="sideways")
+        Evaluator(4, EvaluatorOptions(kl_direction="sideways"))
 
 
 def test_tstddev_through_the_evaluator(data: dict[str, np.ndarray]) -> None:

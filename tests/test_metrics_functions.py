@@ -30,43 +30,7 @@ from hpckd.metrics import (
 )
 from hpckd.metrics.exact import FRACTION_BITS, MAX_ADDEND, from_fixed, to_fixed
 from hpckd.metrics.tstddev import TStdDev
-
-
-# ------------------------------------------------------------------------------------------ numpy references
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    return np.exp(np_log_softmax(z))
-
-
-def np_mi_eq4(t: np.ndarray, s: np.ndarray, c: int) -> float:
-    """Attention study Eq. 4 as a literal double sum over the empirical joint distribution."""
-    n = len(t)
-    total = 0.0
-    for i in range(c):
-        for j in range(c):
-            p_ij = np.sum((t == i) & (s == j)) / n
-            if p_ij > 0:
-                total += p_ij * math.log(p_ij / ((np.sum(t == i) / n) * (np.sum(s == j) / n)))
-    return total
-
-
-def np_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int, weighted: bool = True) -> float:
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.arange(n_bins + 1) / n_bins
-    total, gaps = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.sum() == 0:
-            continue
-        gap = abs(correct[in_bin].mean() - conf[in_bin].mean())
-        gaps.append(gap)
-        total += in_bin.mean() * gap
-    return total if weighted else float(np.mean(gaps))
+from tests.helpers import np_ece, np_log_softmax, np_mi_eq4, np_softmax  # numpy references
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from hpckd.errors import CheckpointError
 from hpckd.models import create, load_weights
-from hpckd.train.checkpoint import save_checkpoint
+from hpckd.checkpoint import save_checkpoint
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -8,7 +8,11 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.dist
 
 
 def test_mpirun_two_ranks_all_reduce():
@@ -20,7 +24,7 @@ def test_mpirun_two_ranks_all_reduce():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Whole lines: rank 0 prints every rank's report, so no two records can share a line.
     lines = re.findall(r"^rank (\d)/(\d) launcher=(\w+) .* all_reduce=(\S+) expected=(\S+)$", proc.stdout, re.MULTILINE)
-    assert sorted(l[0] for l in lines) == ["0", "1"], proc.stdout
+    assert sorted(line[0] for line in lines) == ["0", "1"], proc.stdout
     for _rank, world, launcher, got, expected in lines:
         assert world == "2" and launcher == "mpirun"
         assert float(got) == 3.0 == float(expected)  # (0 + 1) + (1 + 1)

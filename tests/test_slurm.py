@@ -29,6 +29,8 @@ from hpckd.sweep.executor import JobFailed, collect_results, make_executor, run_
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # Bounds for waiting on the cluster (generous for a loaded 2-core CI machine; normal runs take seconds).
+pytestmark = pytest.mark.slurm
+
 STARTUP_BOUND_S = 90.0
 CANCEL_REPORT_BOUND_S = 20.0
 POLL_S = 0.2
@@ -178,6 +180,7 @@ def test_bad_executor_settings_are_config_errors(tmp_path: Path) -> None:
         make_executor("slurm", tmp_path, no_such_sbatch_option=1)
 
 
+@pytest.mark.dist  # dist-check's all-reduce across the two srun tasks
 def test_sbatch_template_runs_two_srun_ranks(tmp_path: Path) -> None:
     require_cluster()
     template = Path(__file__).resolve().parents[1] / "slurm" / "hpckd.sbatch"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hpckd.losses import LossConfig
+from hpckd.losses.config import validated
 from hpckd.teachers import ENSEMBLE_MODES, REDUCTIONS, ensemble_distribution, mean_logits, mean_probs
 
 
@@ -84,7 +85,7 @@ def test_one_set_of_mode_names():
     assert set(ENSEMBLE_MODES) == {"per_teacher_loss", *REDUCTIONS} and set(REDUCTIONS) == {"mean_probs", "mean_logits"}
     assert LossConfig().ensemble == "per_teacher_loss"
     for mode in ENSEMBLE_MODES:
-        assert LossConfig(ensemble=mode).validated().ensemble == mode
+        assert validated(LossConfig(ensemble=mode)).ensemble == mode
 
 
 def test_bad_modes_and_inputs_are_clear_errors():

@@ -16,7 +16,8 @@ from hpckd.data.batch import Batch
 from hpckd.errors import CheckpointError, ConfigError
 from hpckd.models import create
 from hpckd.teachers import ServingConfig, TeacherSet, TeacherSource
-from hpckd.train.checkpoint import save_checkpoint
+from hpckd.teachers.serving import check_serving
+from hpckd.checkpoint import save_checkpoint
 
 CLASSES = 6
 
@@ -127,7 +128,7 @@ def test_bad_teacher_files_are_one_clear_error(tmp_path):
 
 def test_serving_config_validates_and_parallel_falls_back_without_a_process_group():
     with pytest.raises(ConfigError, match="all_to_all, all_gather"):
-        ServingConfig(exchange="broadcast")
+        check_serving(ServingConfig(exchange="broadcast"))
     assert not dist.is_initialized()
     teachers = TeacherSet.from_models([_teacher(0), _teacher(1)], "cpu", ServingConfig(teacher_parallel=True))
     assert not teachers.parallel and teachers.owned == [0, 1]
@@ -173,6 +174,7 @@ def _parallel_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_teacher_parallel_equals_plain_mode_on_two_gloo_ranks(tmp_path):
     models = [_teacher(20), _teacher(21), _teacher(22)]
     for k, m in enumerate(models):

@@ -18,8 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.train import engine
-from tests.conftest import REPO, assert_one_line_error
-from tests.test_train_resume import config
+from tests.helpers import REPO, assert_one_line_error, train_config as config
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 24, 6
 BATCH, EPOCHS = 16, 2
@@ -113,25 +112,18 @@ def test_missing_tensorboard_is_one_line_at_start_up(data_root, tmp_path):
     assert not out.exists()  # nothing started: no log, no checkpoint, no event file
 
 
-def test_a_resumed_run_purges_what_the_killed_session_logged_after_its_checkpoint(tb_run, data_root, tmp_path,
-                                                                                   monkeypatch):
+def test_a_resumed_run_purges_what_the_killed_session_logged_after_its_checkpoint(tb_run, data_root, tmp_path):
     """Killed during step 6 with the last checkpoint at step 3: steps 4-5 were logged, then redone by the resumed
     run. Each step must appear once, with the uninterrupted run's values (resume is exact)."""
     _, _, reference = tb_run
-    real, calls = engine._micro_step, []
-
-    def killed_at_sixth_micro_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
+    def killed_at_sixth_micro_step(ctx: engine.StepContext) -> None:
+        if ctx.micro == 6:
             raise RuntimeError("killed")
-        return real(*args, **kwargs)
 
     args = [*overrides(data_root, tmp_path), "train.checkpoint_every=3"]
-    monkeypatch.setattr(engine, "_micro_step", killed_at_sixth_micro_step)
     with pytest.raises(RuntimeError, match="killed"):
-        engine.run(config(data_root, tmp_path, *args), mode="train")
+        engine.run(config(data_root, tmp_path, *args), mode="train", hooks=[killed_at_sixth_micro_step])
     assert [r["step"] for r in log_records(tmp_path, "step")] == [1, 2, 3, 4, 5]  # 4 and 5 after the checkpoint
-    monkeypatch.setattr(engine, "_micro_step", real)
     resumed = engine.run(config(data_root, tmp_path, *args), mode="train")
     assert [r["step"] for r in resumed["resumes"]] == [3]
 

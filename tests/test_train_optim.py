@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hpckd.config import load_config
+from hpckd.train.experiment import load_experiment
 from hpckd.errors import ConfigError
 from hpckd.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 
 
 def optim_cfg(*overrides: str):
-    return load_config(None, list(overrides)).optim
+    return load_experiment(None, list(overrides)).optim
 
 
 def lrs(cfg, steps_per_epoch: int, steps: int) -> list[float]:
@@ -118,7 +118,7 @@ def test_sgd_nesterov_and_adamw_step_like_their_formulas():
 ])
 def test_inconsistent_options_are_one_line_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_experiment(None, overrides)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -134,7 +134,7 @@ def test_global_batch_must_split_over_accumulation_and_ranks():
 def test_deepspeed_config_is_explicit():
     from hpckd.train.backends import deepspeed_config
 
-    cfg = load_config(None, ["data.batch_size=64", "optim.accum_steps=2", "dist.backend=deepspeed", "dist.zero_stage=2",
+    cfg = load_experiment(None, ["data.batch_size=64", "optim.accum_steps=2", "dist.backend=deepspeed", "dist.zero_stage=2",
                              "train.precision=bf16"])
     ds = deepspeed_config(cfg, world_size=4)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 2)
@@ -142,5 +142,5 @@ def test_deepspeed_config_is_explicit():
     assert ds["zero_optimization"] == {"stage": 2} and ds["zero_allow_untested_optimizer"] is True
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "bf16" not in ds and "fp16" not in ds  # parameters and BatchNorm buffers stay fp32
-    fp32 = deepspeed_config(load_config(None, ["dist.backend=deepspeed", "optim.clip_grad_norm=5"]), world_size=1)
+    fp32 = deepspeed_config(load_experiment(None, ["dist.backend=deepspeed", "optim.clip_grad_norm=5"]), world_size=1)
     assert "zero_optimization" not in fp32 and "torch_autocast" not in fp32 and fp32["gradient_clipping"] == 5.0

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpckd.config import load_config
+from tests.helpers import train_config as config
 from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.errors import CheckpointError
 from hpckd.train import engine
-from hpckd.train.checkpoint import CheckpointStore, check_compatible, load_checkpoint
+from hpckd.checkpoint import CheckpointStore, check_compatible, load_checkpoint
 
 STEPS_PER_EPOCH = 6  # 96 training images / batch 16
 
@@ -37,12 +37,6 @@ def data_root(tmp_path_factory) -> Path:
 def _not_inside_a_slurm_job(monkeypatch):
     # A preempted run must never requeue whatever job this test suite itself might be running in.
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-
-
-def config(data_root: Path, out: Path, *extra: str):
-    return load_config(None, [f"data.root={data_root}", f"out_dir={out}", "model.arch=resnet8", "data.loader=torch",
-                              "data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=24", "optim.epochs=2",
-                              "optim.lr=0.05", "log_every=1", "train.keep_last=100", *extra])
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -99,25 +93,20 @@ def test_resume_mid_epoch_is_exact(reference, data_root, tmp_path, step):
     assert all(got[s] == ref_losses[s] for s in got)
 
 
-def test_sigusr2_checkpoints_at_the_next_step_then_resumes_exactly(reference, data_root, tmp_path, monkeypatch):
+def test_sigusr2_checkpoints_at_the_next_step_then_resumes_exactly(reference, data_root, tmp_path):
     ref_out, ref = reference
-    real, calls = engine._micro_step, []
 
-    def signalled_at_third_micro_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # as SLURM would: the signal lands while step 3 is computing
+    def signalled_at_third_micro_step(ctx: engine.StepContext) -> None:
+        if ctx.micro == 3:  # as SLURM would: the signal lands while step 3 is computing
             os.kill(os.getpid(), signal.SIGUSR2)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_micro_step", signalled_at_third_micro_step)
     with pytest.raises(SystemExit) as stopped:
-        engine.run(config(data_root, tmp_path), mode="train")
+        engine.run(config(data_root, tmp_path), mode="train", hooks=[signalled_at_third_micro_step])
     assert stopped.value.code == 128 + signal.SIGUSR2
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # our handler is gone again
     assert [e.step for e in CheckpointStore(tmp_path / "checkpoints").entries()] == [3]
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "last.pt").exists()
 
-    monkeypatch.setattr(engine, "_micro_step", real)
     resumed = engine.run(config(data_root, tmp_path), mode="train")  # resume=auto is the default
     assert [r["step"] for r in resumed["resumes"]] == [3]
     assert_same_run(ref, resumed, ref_out, tmp_path)
@@ -251,19 +240,14 @@ def test_only_sigusr2_requeues_a_slurm_job(data_root, tmp_path, monkeypatch, cap
     """Inside a SLURM job (SLURM_JOB_ID set) SIGUSR2 makes rank 0 run `scontrol requeue`; SIGTERM never does (a
     preempted job is requeued by SLURM itself, a cancelled one must stay cancelled). Without scontrol on PATH the
     attempt shows as a failed requeue in the message."""
-    real, calls = engine._micro_step, []
-
-    def signalled(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def signalled(ctx: engine.StepContext) -> None:
+        if ctx.micro == 2:
             os.kill(os.getpid(), sig)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_micro_step", signalled)
     monkeypatch.setenv("SLURM_JOB_ID", "987654")
     monkeypatch.setenv("PATH", str(tmp_path / "no-such-bin"))
     with pytest.raises(SystemExit) as stopped:
-        engine.run(config(data_root, tmp_path, "optim.epochs=1"), mode="train")
+        engine.run(config(data_root, tmp_path, "optim.epochs=1"), mode="train", hooks=[signalled])
     assert stopped.value.code == 128 + sig
     err = capsys.readouterr().err
     assert f"hpckd: preempted by {signal.Signals(sig).name}: checkpoint written at epoch 0, step 2" in err
@@ -276,7 +260,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_when_the_option_is_a
     """Saved configs of older hpckd versions lack newer keys (here data.dtype, loss.mixed_labels): absent counts
     as the default, anything else is still a difference."""
     from hpckd.config import to_container
-    from hpckd.train.checkpoint import config_differences
+    from hpckd.checkpoint import config_differences
 
     current = to_container(config(data_root, tmp_path))
     old = copy.deepcopy(current)

@@ -344,7 +344,7 @@ def config_overrides(ctx: Ctx) -> dict:
     rejects SyncBatchNorm on CPU with its one-line error."""
     import torch
 
-    from hpckd.config import load_config
+    from hpckd.train.experiment import load_experiment
     from hpckd.errors import ConfigError
     from hpckd.train.options import check_runtime
 
@@ -354,12 +354,12 @@ def config_overrides(ctx: Ctx) -> dict:
         for device in ("cuda", "cpu"):
             args = [*TRAIN_BASE, f"data.root={root}", f"out_dir={ctx.work / 'x'}", f"dist.device={device}", *extra]
             try:
-                load_config(None, args)
+                load_experiment(None, args)
                 loaded += 1
             except ConfigError as exc:
                 bad.append(f"{name}/{device}: {exc}")
     try:
-        check_runtime(load_config(None, [*TRAIN_BASE, "dist.sync_bn=true"]), torch.device("cpu"))
+        check_runtime(load_experiment(None, [*TRAIN_BASE, "dist.sync_bn=true"]), torch.device("cpu"))
         bad.append("dist.sync_bn=true accepted on cpu")
     except ConfigError as exc:
         sync_bn_error = str(exc)
@@ -452,10 +452,10 @@ def dist_check_torchrun(ctx: Ctx) -> dict:
 
 @check("core", quick=True, timeout=60)
 def precision(ctx: Ctx) -> dict:
-    """``hpckd.train.precision``: autocast dtypes on the device, GradScaler for fp16 only."""
+    """``hpckd.precision``: autocast dtypes on the device, GradScaler for fp16 only."""
     import torch
 
-    from hpckd.train.precision import autocast, make_scaler
+    from hpckd.precision import autocast, make_scaler
 
     dev = ctx.torch_device
     a, b = torch.randn(64, 64, device=dev), torch.randn(64, 64, device=dev)

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 STUDENT = "student"
+
+
+@dataclass
+class LabelMix:
+    """Per row of a batch made by Mixup, CutMix or CutMixPick: the hard-label target ``lam y_i + (1 - lam) y_j``
+    (Zhang et al. 2018, Eq. 1; Yun et al. 2019, Eq. 1).
+
+    Attributes:
+        partner_label: (N,) int64 label y_j of the image mixed into the row (the row's own label where nothing was
+            mixed in, e.g. the original half of a doubled batch).
+        lam: (N,) float32 weight of the row's own label y_i (1.0 where nothing was mixed in).
+    """
+
+    partner_label: torch.Tensor
+    lam: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> LabelMix:
+        return LabelMix(self.partner_label.to(device, non_blocking=non_blocking),
+                        self.lam.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -20,9 +40,13 @@ class Batch:
         labels: (N,) int64 class labels.
         index: (N,) int64 global sample ids (position in the dataset index), for logit stores and metrics.
         epoch: the epoch this batch belongs to.
-        aug: parameters that produced each view / what batch ops did (partner index, lambda, box), keyed by
-            view name or op name, enough to replay them.
+        aug: replay parameters only: what produced each view (keyed by view name) and what batch ops drew (keyed by
+            op name: partner, lambda, box, pick ...), enough to replay them. Nothing in it changes what a loss does.
         valid: optional (N,) bool mask; False marks padding samples that must not count in metrics.
+        doubled: optional (N,) bool, True on the rows x' = scheme(x) that the augmentation study's doubled batch
+            appends (Wang et al. 2022, Sec. 4.1); the ``kd_da`` loss trains those rows with the KL term only.
+        label_mix: optional :class:`LabelMix`, set by Mixup/CutMix/CutMixPick: the mixed hard-label target of
+            every row.
     """
 
     views: dict[str, torch.Tensor]
@@ -31,6 +55,8 @@ class Batch:
     epoch: int = 0
     aug: dict[str, Any] = field(default_factory=dict)
     valid: torch.Tensor | None = None
+    doubled: torch.Tensor | None = None
+    label_mix: LabelMix | None = None
 
     @property
     def size(self) -> int:
@@ -40,15 +66,21 @@ class Batch:
         """The view given to ``role`` (e.g. ``"teacher1"``), falling back to the student's view."""
         return self.views.get(role, self.views[STUDENT])
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(
-            views={k: move(v) for k, v in self.views.items()},
+    def replace(self, **changes: Any) -> Batch:
+        """A new batch with ``changes`` (field name -> value) applied; the other fields are shared, not copied."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return self.replace(
+            views={k: v.to(device, non_blocking=non_blocking) for k, v in self.views.items()},
             labels=move(self.labels),
             index=move(self.index),
-            epoch=self.epoch,
-            aug=self.aug,
-            valid=None if self.valid is None else move(self.valid),
+            valid=move(self.valid),
+            doubled=move(self.doubled),
+            label_mix=None if self.label_mix is None else self.label_mix.to(device, non_blocking),
         )
 
 

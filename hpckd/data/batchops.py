@@ -12,66 +12,64 @@ Formulas:
   a uniform pixel, clipped to the image, is pasted from x_j into x_i; ``lam`` is then corrected to the kept area,
   ``lam = 1 - box_area / (H W)`` (Eq. 2's M has exactly that many zeros).
 - CutMixPick (Wang et al., NeurIPS 2022, Sec. 4.2): k CutMix runs over the batch form a pool of k*B samples; the
-  pool is scored (Eq. 11) and a fraction r kept by :func:`hpckd.losses.cutmixpick.select`.
+  pool is scored (Eq. 11) and a fraction r kept by :func:`hpckd.data.cutmixpick.select` (``batch_ops.pick_*``).
 - Doubled batch (Wang et al., Sec. 4.1, Fig. 3b): the standard view x is kept and x' = scheme(x) appended;
-  ``batch.aug["doubled"]`` is True on the x' rows, which the ``kd_da`` loss trains with KL only.
+  ``batch.doubled`` is True on the x' rows, which the ``kd_da`` loss trains with KL only.
 - Half-image split (attention study, Sec. 5.3 A/B test "hKD"): each image is cut into its left and right halves,
   the left going to teacher 1 (``teacher0``) and the right to teacher 2 (``teacher1``); the student keeps the
   whole image.
 
-Records (M = rows of x'; positions are rows of the batch before the op, ids are global sample ids):
-``aug[scheme] = {"source": (M,) rows x' was made from, "partner": (M,) rows mixed in, "partner_index": their
-sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top, left, bottom, right) pasted region,
-"pick": kept pool rows, "params": per-sample parameters of a follow-up policy}`` (only the keys that apply);
-``aug["doubled"]`` (N,) bool; ``aug["half_split"] = {"mode", "column"}``.
+Replay records on ``batch.aug`` (M = rows of x'; positions are rows of the batch before the op, ids are global
+sample ids): ``aug[scheme] = {"source": (M,) rows x' was made from, "partner": (M,) rows mixed in,
+"partner_index": their sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top, left, bottom, right)
+pasted region, "pick": kept pool rows, "params": per-sample parameters of a follow-up policy}`` (only the keys that
+apply); ``aug["half_split"] = {"mode", "column"}``.
 
-Mixed labels: after Mixup, CutMix or CutMixPick, ``aug["label_mix"] = {"partner_label": (N,), "lam": (N,)}`` gives,
-for every row of the *output* batch, the label of the image mixed in and the weight of the row's own label
-(1.0 and the row's own label on rows that were not mixed, e.g. the original half of a doubled batch), so a loss
-can train on the mixed target ``lam y_i + (1 - lam) y_j`` (Zhang et al. 2018, Eq. 1; Yun et al. 2019, Eq. 1).
+What changes the loss is typed on the batch: ``batch.doubled`` (N,) bool marks the x' rows of a doubled batch, and
+after Mixup, CutMix or CutMixPick ``batch.label_mix`` (:class:`~hpckd.data.batch.LabelMix`) gives, for every row of
+the *output* batch, the label of the image mixed in and the weight of the row's own label (1.0 and the row's own
+label on rows that were not mixed, e.g. the original half of a doubled batch), so a loss can train on the mixed
+target ``lam y_i + (1 - lam) y_j`` (Zhang et al. 2018, Eq. 1; Yun et al. 2019, Eq. 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from hpckd.config.checks import at_least, choose, positive
+from hpckd.config.methods import BatchOpsConfig
 from hpckd.data.aug import DA_SCHEMES, followup_policy
-from hpckd.data.batch import STUDENT, Batch
+from hpckd.data.batch import STUDENT, Batch, LabelMix
+from hpckd.data.cutmixpick import CRITERIA, ORDERS, select
 from hpckd.data.params import n_slots, params_from_uniforms
 from hpckd.data.render_torch import render, row
 from hpckd.errors import ConfigError
 
 SCHEMES = ("none",) + DA_SCHEMES
 HALF_MODES = ("none", "crop", "mask")
-DOUBLED = "doubled"  # the marker hpckd.losses.augmented reads
-LABEL_MIX = "label_mix"  # the per-row mixed-label record hpckd.losses reads
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 
+# (teacher-ensemble logits, student logits) on a CutMixPick pool; the student's only if needs_student(cfg)
 Scorer = Callable[[Batch], "tuple[torch.Tensor | None, torch.Tensor | None]"]
 
 
-@dataclass
-class BatchOpsConfig:
-    scheme: str = "none"  # none | identity | flip | flip_crop | cutout | autoaugment | randaugment | mixup | cutmix | cutmix_pick
-    doubled: bool = True  # Wang's protocol: keep x and append x' (marked); False replaces x by x'
-    mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
-    cutmix_alpha: float = 1.0
-    lam_per_sample: bool = False  # one lambda (and CutMix box size) per batch, as the original code; or per sample
-    half_split: str = "none"  # none | crop (half-width images) | mask (full size, other half black)
-
-    def validated(self) -> "BatchOpsConfig":
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"batch op scheme {self.scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
-        if self.half_split not in HALF_MODES:
-            raise ConfigError(f"half_split {self.half_split!r} is unknown; choose one of {', '.join(HALF_MODES)}")
-        if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
-            raise ConfigError("mixup_alpha and cutmix_alpha must be > 0 (Beta(alpha, alpha) parameters)")
-        return self
+def validated(cfg: BatchOpsConfig) -> BatchOpsConfig:
+    """Check the ``batch_ops`` section (choices and ranges, one line naming the dotted key); returns ``cfg``."""
+    choose("batch_ops.scheme", cfg.scheme, SCHEMES)
+    choose("batch_ops.half_split", cfg.half_split, HALF_MODES)
+    positive("batch_ops.mixup_alpha", cfg.mixup_alpha, "a Beta(alpha, alpha) parameter")
+    positive("batch_ops.cutmix_alpha", cfg.cutmix_alpha, "a Beta(alpha, alpha) parameter")
+    choose("batch_ops.pick_criterion", cfg.pick_criterion, CRITERIA)
+    choose("batch_ops.pick_order", cfg.pick_order, ORDERS)
+    if not 0.0 < cfg.pick_ratio <= 1.0:
+        raise ConfigError(f"config: 'batch_ops.pick_ratio' is {cfg.pick_ratio}; keep a fraction in (0, 1] of the pool")
+    at_least("batch_ops.pick_pool", cfg.pick_pool, 1, "the pool needs at least 1 CutMix run")
+    positive("batch_ops.pick_tau", cfg.pick_tau, "a temperature")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- random draws
@@ -176,20 +174,21 @@ def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, 
     src = source.to(dev)
     labels, index = batch.labels[src], batch.index[src]
     valid = None if batch.valid is None else batch.valid[src]
-    aug = dict(batch.aug)
+    # The rows change, so a mixed-label record of the input no longer lines up; the mixing op sets its own.
     if not doubled:
-        return Batch(views=extra, labels=labels, index=index, epoch=batch.epoch, aug=aug, valid=valid)
+        marker = None if batch.doubled is None else batch.doubled[src]
+        return batch.replace(views=extra, labels=labels, index=index, aug=dict(batch.aug), valid=valid,
+                             doubled=marker, label_mix=None)
     n, m = batch.size, int(src.numel())
     views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
-    marker = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(m, dtype=torch.bool)]).to(dev)
-    prev = aug.get(DOUBLED)
-    aug[DOUBLED] = marker if prev is None else torch.cat([torch.as_tensor(prev, device=dev), marker[n:]])
-    return Batch(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
-                 epoch=batch.epoch, aug=aug,
-                 valid=None if batch.valid is None else torch.cat([batch.valid, valid]))
+    marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
+    marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
+    return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
+                         aug=dict(batch.aug), valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
+                         doubled=marker, label_mix=None)
 
 
-def label_mix(out: Batch, before: Batch, record: dict, doubled: bool) -> dict[str, torch.Tensor]:
+def mixed_labels(out: Batch, before: Batch, record: dict, doubled: bool) -> LabelMix:
     """Per row of ``out``: the label of the partner mixed into it and the weight ``lam`` of its own label.
 
     The mixed rows are the last M rows of a doubled batch, or all rows when x' replaced x; other rows get
@@ -201,7 +200,7 @@ def label_mix(out: Batch, before: Batch, record: dict, doubled: bool) -> dict[st
     rows = slice(start, start + int(record["source"].numel()))
     partner_label[rows] = before.labels[record["partner"].to(dev)]
     lam[rows] = record["lam"].to(dev, torch.float32)
-    return {"partner_label": partner_label, "lam": lam}
+    return LabelMix(partner_label=partner_label, lam=lam)
 
 
 def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,7 +214,7 @@ def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -
     extra = _mix_views(batch, lambda x: mixup(x, partner, lam))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["mixup"] = _record(batch, torch.arange(n), partner, lam)
-    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["mixup"], cfg.doubled)
+    out.label_mix = mixed_labels(out, batch, out.aug["mixup"], cfg.doubled)
     return out
 
 
@@ -226,7 +225,7 @@ def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) 
     extra = _mix_views(batch, lambda x: cutmix(x, partner, boxes))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["cutmix"] = _record(batch, torch.arange(n), partner, lam, boxes)
-    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["cutmix"], cfg.doubled)
+    out.label_mix = mixed_labels(out, batch, out.aug["cutmix"], cfg.doubled)
     return out
 
 
@@ -254,31 +253,29 @@ def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig, generator: torch.G
         lams.append(lam)
     source = torch.cat(sources)
     views = {k: torch.cat([p[k] for p in parts]) for k in batch.views}
-    dev = batch.labels.device
-    pool = Batch(views=views, labels=batch.labels[source.to(dev)], index=batch.index[source.to(dev)],
-                 epoch=batch.epoch, valid=None if batch.valid is None else batch.valid[source.to(dev)])
+    src = source.to(batch.labels.device)
+    pool = batch.replace(views=views, labels=batch.labels[src], index=batch.index[src], aug={},
+                         valid=None if batch.valid is None else batch.valid[src], doubled=None, label_mix=None)
     record = {"source": source, "partner": torch.cat(partners), "lam": torch.cat(lams), "box": torch.cat(boxes_all)}
     return pool, record
 
 
-def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, scorer: Scorer | None,
-                      loss_cfg) -> Batch:
-    """CutMixPick: a pool of ``loss_cfg.pick_pool`` CutMix runs, scored by ``scorer`` (teacher and/or student
-    logits on the pool), rows kept by :func:`hpckd.losses.cutmixpick.select`."""
-    from hpckd.losses.cutmixpick import select
-
-    if scorer is None or loss_cfg is None:
-        raise ConfigError("batch op cutmix_pick needs a scorer (teacher/student logits on the pool) and the loss "
-                          "config (pick_pool, pick_ratio, pick_criterion, pick_order)")
-    pool, record = cutmix_pool(batch, int(loss_cfg.pick_pool), cfg, generator)
+def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, scorer: Scorer | None) -> Batch:
+    """CutMixPick: a pool of ``cfg.pick_pool`` CutMix runs, scored by ``scorer`` (teacher and, when
+    :func:`~hpckd.data.cutmixpick.needs_student`, student logits on the pool), rows kept by
+    :func:`hpckd.data.cutmixpick.select`."""
+    if scorer is None:
+        raise ConfigError("batch op cutmix_pick needs a scorer (teacher logits on the pool, and the student's for "
+                          f"batch_ops.pick_criterion={cfg.pick_criterion}): distil from at least one teacher")
+    pool, record = cutmix_pool(batch, int(cfg.pick_pool), cfg, generator)
     with torch.no_grad():
         teacher_logits, student_logits = scorer(pool)
-    keep = select(teacher_logits, student_logits, loss_cfg).cpu()
+    keep = select(teacher_logits, student_logits, cfg).cpu()
     extra = {k: v[keep.to(v.device)] for k, v in pool.views.items()}
     out = _append(batch, extra, record["source"][keep], cfg.doubled)
     out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
                                      record["box"][keep], pick=keep)
-    out.aug[LABEL_MIX] = label_mix(out, batch, out.aug["cutmix_pick"], cfg.doubled)
+    out.label_mix = mixed_labels(out, batch, out.aug["cutmix_pick"], cfg.doubled)
     return out
 
 
@@ -313,9 +310,7 @@ def half_split(batch: Batch, mode: str, mean: Sequence[float] = DEFAULT_MEAN,
         views["teacher1"] = torch.where(keep_left.to(right.device), black.to(right.device), right)
     else:
         raise ConfigError(f"half_split {mode!r} is unknown; choose one of {', '.join(HALF_MODES)}")
-    aug = dict(batch.aug)
-    aug["half_split"] = {"mode": mode, "column": column}
-    return Batch(views=views, labels=batch.labels, index=batch.index, epoch=batch.epoch, aug=aug, valid=batch.valid)
+    return batch.replace(views=views, aug={**batch.aug, "half_split": {"mode": mode, "column": column}})
 
 
 def _record(batch: Batch, source: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor,
@@ -331,18 +326,18 @@ def _record(batch: Batch, source: torch.Tensor, partner: torch.Tensor, lam: torc
 
 def apply_batch_ops(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, *, family: str = "cifar",
                     mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
-                    scorer: Scorer | None = None, loss_cfg=None) -> Batch:
+                    scorer: Scorer | None = None) -> Batch:
     """Apply the configured scheme (doubling the batch unless ``cfg.doubled`` is False), then the half split.
 
     ``family``, ``mean`` and ``std`` are the data config's (follow-up policies undo the normalisation to work on
-    pixels); ``scorer`` and ``loss_cfg`` are needed by ``cutmix_pick`` only."""
-    cfg = cfg.validated() if hasattr(cfg, "validated") else BatchOpsConfig(**dict(cfg)).validated()
+    pixels); ``scorer`` is needed by ``cutmix_pick`` only."""
+    cfg = validated(cfg if isinstance(cfg, BatchOpsConfig) else BatchOpsConfig(**dict(cfg)))
     if cfg.scheme == "mixup":
         batch = apply_mixup(batch, cfg, generator)
     elif cfg.scheme == "cutmix":
         batch = apply_cutmix(batch, cfg, generator)
     elif cfg.scheme == "cutmix_pick":
-        batch = apply_cutmix_pick(batch, cfg, generator, scorer, loss_cfg)
+        batch = apply_cutmix_pick(batch, cfg, generator, scorer)
     elif cfg.scheme != "none":
         batch = apply_followup(batch, cfg, generator, family, mean, std)
     if cfg.half_split != "none":

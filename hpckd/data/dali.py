@@ -58,6 +58,7 @@ from hpckd.data.batch import Batch, ImageFormat
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
 from hpckd.data.sources import Source, as_source, decode_rgb
+from hpckd.data.index_cache import stale_hint
 from hpckd.errors import DataError
 
 __all__ = ["DaliLoader", "ReadAhead", "ShardSpec", "build_pipeline", "param_fields"]
@@ -73,8 +74,8 @@ warnings.filterwarnings("ignore", message=r"WARNING: `nvidia\.dali\.fn\.experime
 def _dali():
     try:
         import nvidia.dali as dali  # noqa: F401
-    except ImportError:
-        raise DataError("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or set data.loader=torch)") from None
+    except ImportError as exc:
+        raise DataError("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or set data.loader=torch)") from exc
     return dali
 
 
@@ -383,14 +384,26 @@ class BatchFeeder:
         return outputs
 
     def culprit(self) -> str | None:
-        """The first recently fed sample that PIL cannot decode either, if any."""
+        """The first recently fed sample that PIL cannot decode either, if any (a file that cannot be read at
+        all raises its own one-line :class:`DataError` here: that is not a decode failure)."""
         for ids in self.recent:
             for i in ids:
+                data = self.source.read(int(i))
                 try:
-                    decode_rgb(self.source.read(int(i)), self.source.encoded, self.source.name(int(i)))
+                    decode_rgb(data, self.source.encoded, self.source.name(int(i)))
                 except DataError:
                     return self.source.name(int(i))
         return None
+
+
+_DECODER_OP = "fn.decoders.image"  # how DALI names the decoder in a pipeline error
+
+
+def _dali_reason(exc: BaseException) -> str:
+    """The line of a DALI pipeline error that says what happened (after its "encountered:" header)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    return after[0].rstrip(" :") if after else type(exc).__name__
 
 
 def build_pipeline(feeder: BatchFeeder, views: dict[str, Policy], *, encoded: bool, batch_size: int, num_threads: int,
@@ -512,11 +525,15 @@ class DaliLoader(EpochLoader):
             complete = True
         except RuntimeError as exc:
             complete = True
+            # Only a decode failure is the user's to fix; any other DALI error (a bug, out of memory) keeps its
+            # own message and traceback.
             culprit = self.feeder.culprit()
             if culprit is not None:
                 raise DataError(f"cannot decode {culprit} (fix or remove it; data.on_bad_image=skip drops files "
-                                f"that fail the index-time check)") from None
-            text = str(exc).strip().splitlines()
-            raise DataError(f"DALI failed while reading data: {text[0] if text else exc}") from None
+                                f"that fail the index-time check){stale_hint(culprit)}") from exc
+            if _DECODER_OP in str(exc):  # a file DALI's decoder rejects although PIL decodes it
+                raise DataError(f"DALI cannot decode an image of the batch that PIL decodes "
+                                f"({_dali_reason(exc)}); set data.loader=torch to read this data set") from exc
+            raise
         finally:
             self._finish_pass(iterator, complete)

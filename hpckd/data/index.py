@@ -36,6 +36,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BAD_IMAGE_CHOICES = ("error", "skip")
 
 
+class SkippedDataWarning(UserWarning):
+    """Bad images or empty class folders that ``on_bad_image="skip"`` dropped (the CLI prints it on one line)."""
+
+
 class LabelledIndex:
     """What every data-set index shares (folder, CIFAR arrays, WebDataset shards): ``labels`` and ``classes``."""
 
@@ -133,6 +137,7 @@ def _walk(root: Path, classes: list[str], on_bad_image: str) -> FolderIndex:
         folder = root / name
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
+            check_split_folder(root, "the folder")  # a data root given for a split: say so, not "empty class"
             problem = f"empty class folder: {folder} (no .jpg/.jpeg/.png files)"
             if on_bad_image != "skip":
                 raise DataError(f"{problem}; add images or set data.on_bad_image=skip to keep the class empty")
@@ -164,7 +169,17 @@ def _finish(root: Path, classes: list[str], files: list, labels: list, stats: li
 def _report(root: Path, skipped: list[str]) -> None:
     if skipped:
         warnings.warn(f"{root}: skipped {len(skipped)} bad image(s) or empty class folder(s), first: {skipped[0]}",
-                      stacklevel=3)
+                      SkippedDataWarning, stacklevel=3)
+
+
+def check_split_folder(path: str | Path, what: str) -> None:
+    """Raise a one-line :class:`DataError` when ``path`` is a data root (it holds ``train/`` and ``val/``) where
+    one split (``root/<class>/<image>``) is expected."""
+    path = Path(path)
+    splits = [name for name in ("train", "val") if (path / name).is_dir()]
+    if len(splits) == 2:
+        raise DataError(f"{what} {path} is a data root (it holds train/ and val/), not a split with one folder per "
+                        f"class; give one split, e.g. {path / 'train'}")
 
 
 def read_list_file(list_file: str | Path) -> list[tuple[str, str]]:
@@ -224,8 +239,8 @@ def _parse_label(token: str, lookup: dict[str, int], list_file) -> int:
         return lookup[token]
     try:
         return int(token)
-    except ValueError:
-        raise DataError(f"{list_file}: label {token!r} is neither a class index nor a known class name") from None
+    except ValueError as exc:
+        raise DataError(f"{list_file}: label {token!r} is neither a class index nor a known class name") from exc
 
 
 def check_image(path: Path) -> str | None:

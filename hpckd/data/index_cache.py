@@ -68,6 +68,29 @@ def load(root: Path, key: dict, cache: str | None):
     return None
 
 
+def stale_hint(file: str | os.PathLike, cache: str | None = "auto") -> str:
+    """``"; <file> changed after ..."`` when ``file`` differs from what a cached index recorded for it (rewritten
+    in place, which the cache cannot notice), else ``""``: appended to a decode error, it says how to re-check."""
+    file = Path(file)
+    root = file.parent.parent  # ImageFolder: root/<class>/<image>
+    try:
+        now = (int(file.stat().st_size), int(file.stat().st_mtime_ns))
+        rel = os.path.relpath(file.resolve(), root.resolve())
+    except (OSError, ValueError):
+        return ""
+    for path in cache_paths(root, cache):
+        try:
+            with gzip.open(path, "rt") as handle:
+                data = json.load(handle)
+            recorded = tuple(data["stats"][data["files"].index(rel)])
+        except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError):
+            continue
+        if recorded != now:
+            return (f"; {file} changed after it was indexed (cached in {path}): re-index the data by deleting "
+                    f"that file or setting data.index_cache=off")
+    return ""
+
+
 def store(index, key: dict, cache: str | None) -> Path | None:
     """Write ``index`` to the first writable cache location; returns it (None when caching is off or impossible)."""
     root = Path(key["root"])
@@ -76,9 +99,8 @@ def store(index, key: dict, cache: str | None) -> Path | None:
     payload = gzip.compress(json.dumps(data).encode(), compresslevel=5)
     for path in cache_paths(root, cache):
         try:
-            with atomic_open(path, "wb") as handle:
+            with atomic_open(path, "wb") as handle:  # gets the umask's permissions, like any file hpckd writes
                 handle.write(payload)
-            os.chmod(path, 0o644)  # a shared data folder: other users may read it (mkstemp made it 0600)
             return path
         except OSError:
             continue

@@ -26,37 +26,58 @@ class Loaders:
         return self.train_index.num_classes
 
 
-def view_policies(family: str, size: int, student_aug: str, teacher_augs: Sequence[str | None],
-                  cifar_crop: str = "pad") -> dict[str, Policy]:
+def student_policy(cfg: Any) -> Policy:
+    """The training policy of the model being trained (``aug``, with the data section's crop choice)."""
+    data = cfg.data
+    return train_policy(data.family, cfg.aug, data.image_size, data.cifar_crop)
+
+
+def view_policies(cfg: Any, teacher_augs: Sequence[str | None] = ()) -> dict[str, Policy]:
     """The student's view plus one view per teacher that has its own policy (others share the student's)."""
-    views = {STUDENT: train_policy(family, student_aug, size, cifar_crop)}
+    data = cfg.data
+    views = {STUDENT: student_policy(cfg)}
     for k, aug in enumerate(teacher_augs):
         if aug is not None:
-            views[f"teacher{k}"] = train_policy(family, aug, size, cifar_crop)
+            views[f"teacher{k}"] = train_policy(data.family, aug, data.image_size, data.cifar_crop)
     return views
 
 
-def build_loaders(cfg, info: DistInfo, teacher_augs: Sequence[str | None] = ()) -> Loaders:
+def build_loaders(cfg: Any, info: DistInfo, teacher_augs: Sequence[str | None] = ()) -> Loaders:
+    """The training loader (every view of ``view_policies``) and the evaluation loader of the val split."""
     data = cfg.data
     train_index, val_index = load_splits(data)
     for name, batch in (("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size)):
         if batch % info.world_size:
             raise ConfigError(f"{name}={batch} is not divisible by the world size {info.world_size}; "
                               f"use a multiple of {info.world_size}")
-    loader_cls = loader_class(data.loader)
-    shard = ShardSpec(info.rank, info.world_size)
-    common = dict(shard=shard, seed=cfg.seed, num_threads=data.num_workers, device=info.device, mean=data.mean,
-                  std=data.std, image_format=image_format(cfg))
-    views = view_policies(data.family, data.image_size, cfg.aug, teacher_augs, getattr(data, "cifar_crop", "pad"))
-    train = loader_cls(train_index.source, train_index.labels, views, batch_size=data.batch_size // info.world_size, train=True, **common)
-    # Evaluation reads float32 images: teachers and CAMs run outside the training autocast there.
-    val_common = {**common, "image_format": dataclasses.replace(common["image_format"], dtype="float32")}
-    val = loader_cls(val_index.source, val_index.labels, {STUDENT: eval_policy(data.family, data.image_size)},
-                     batch_size=data.eval_batch_size // info.world_size, train=False, **val_common)
-    return Loaders(train, val, train_index, val_index)
+    train = loader_class(data.loader)(train_index.source, train_index.labels, view_policies(cfg, teacher_augs),
+                                      batch_size=data.batch_size // info.world_size, train=True,
+                                      **_common(cfg, info, cfg.seed, image_format(cfg)))
+    return Loaders(train, build_eval_loader(cfg, info, val_index), train_index, val_index)
 
 
-def image_format(cfg) -> ImageFormat:
+def build_eval_loader(cfg: Any, info: DistInfo, index: Any, policy: Policy | None = None,
+                      seed: int | None = None) -> Any:
+    """The evaluation loader of one split, for the per-epoch evaluation and ``hpckd eval`` alike: each rank reads
+    its contiguous range once, unpadded. ``policy`` defaults to the evaluation policy (resize + center crop);
+    ``hpckd eval --augmented`` passes :func:`student_policy` and the Affinity seed.
+
+    Evaluation reads float32 images: teachers and CAMs run in the teachers' own precision there."""
+    data = cfg.data
+    fmt = dataclasses.replace(image_format(cfg), dtype="float32")
+    return loader_class(data.loader)(index.source, index.labels,
+                                     {STUDENT: policy or eval_policy(data.family, data.image_size)},
+                                     batch_size=max(1, data.eval_batch_size // info.world_size), train=False,
+                                     **_common(cfg, info, cfg.seed if seed is None else seed, fmt))
+
+
+def _common(cfg: Any, info: DistInfo, seed: int, fmt: ImageFormat) -> dict[str, Any]:
+    data = cfg.data
+    return dict(shard=ShardSpec(info.rank, info.world_size), seed=seed, num_threads=data.num_workers,
+                device=info.device, mean=data.mean, std=data.std, image_format=fmt)
+
+
+def image_format(cfg: Any) -> ImageFormat:
     """The images' dtype (``data.dtype``) and layout (channels-last when ``train.channels_last``) for the model."""
     return ImageFormat(dtype=cfg.data.dtype, channels_last=bool(cfg.train.channels_last))
 

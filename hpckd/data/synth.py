@@ -7,12 +7,20 @@ wipe out a purely colour-coded class. The foreground hue follows the class too (
 that colour augmentations break), so weakly and strongly augmented models learn different mixtures of cues.
 Per-image position, size, colours, stripe frequency/phase/contrast and noise vary, so the task is learnable but
 not trivial. The output is a standard ``ROOT/{train,val}/class_XXX/NNNNN.jpg`` tree that DALI's file reader and
-torchvision's ImageFolder both read.
+torchvision's ImageFolder both read, written whole or not at all (temp folder, then rename) with a completion
+marker (``ROOT/.hpckd-synth.json``) that :func:`is_complete` checks.
 """
 
 from __future__ import annotations
 
 import colorsys
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from hpckd.errors import DataError
-from hpckd.io import atomic_open
+from hpckd.io import (WriteError, as_write_error, atomic_open, atomic_write_json, check_output_dir,
+                      current_umask)
 
 
 @dataclass(frozen=True)
@@ -79,16 +88,72 @@ def render(c: int, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+GENERATOR_VERSION = 1  # bump when render() changes: a set written by older code then counts as stale
+MARKER = ".hpckd-synth.json"
+# What a folder written by write_imagefolder may hold; such a folder may be replaced by a new set.
+_GENERATED_ENTRIES = ("train", "val", MARKER)
+
+
+def spec_fingerprint(spec: SynthSpec) -> str:
+    """Identifies the images a spec generates (the spec's fields and the generator's version)."""
+    text = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_complete(out: str | Path, spec: SynthSpec) -> bool:
+    """True when ``out`` holds the complete set that ``spec`` generates (its completion marker matches)."""
+    try:
+        marker = json.loads((Path(out) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("fingerprint") == spec_fingerprint(spec)
+
+
 def write_imagefolder(out: str | Path, spec: SynthSpec) -> dict[str, int]:
-    """Write ``out/train`` and ``out/val``; return the number of images written per split."""
+    """Write ``out/train`` and ``out/val``; return the number of images written per split.
+
+    The set is written into a temp folder next to ``out`` and renamed into place once complete, with a marker
+    holding the spec's fingerprint (:func:`is_complete`): a killed run leaves no partial set that a later run
+    could take for the real one. ``out`` may be missing, empty, or an earlier generated set (replaced)."""
     out = Path(out)
     if spec.classes < 2 or spec.per_class < 1 or spec.val_per_class < 1 or min(spec.height, spec.width) < 8:
         raise DataError("data synth: need >= 2 classes, >= 1 image per class and split, and images >= 8x8 px")
+    _check_replaceable(out)
+    remove_stale_temp_folders(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        error = as_write_error(out, exc)
+        if error is None:
+            raise
+        raise error from exc
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a shared data set must be readable
+        counts = _write_splits(tmp, spec)
+        atomic_write_json(tmp / MARKER, {"fingerprint": spec_fingerprint(spec), "spec": dataclasses.asdict(spec),
+                                         "counts": counts})
+        _move_into_place(tmp, out)
+    except OSError as exc:  # a full disk: one line naming the file as the user knows it, not its temp folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = (WriteError(str(exc).replace(str(tmp), str(out))) if isinstance(exc, WriteError)
+                 else as_write_error(out, exc))
+        if error is None:
+            raise
+        error.errno = exc.errno
+        raise error from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def _write_splits(root: Path, spec: SynthSpec) -> dict[str, int]:
     rng = np.random.default_rng(spec.seed)
     counts = {}
     for split, per_class in (("train", spec.per_class), ("val", spec.val_per_class)):
         for c in range(spec.classes):
-            folder = out / split / f"class_{c:03d}"
+            folder = root / split / f"class_{c:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 with atomic_open(folder / f"{i:05d}.jpg", "wb") as handle:
@@ -97,12 +162,68 @@ def write_imagefolder(out: str | Path, spec: SynthSpec) -> dict[str, int]:
     return counts
 
 
+def _temp_prefix(out: Path) -> str:
+    # The writer's host and pid in the name: a later run removes only folders whose writer is gone.
+    return f".{out.name}.synth-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Remove temp folders that killed writers of ``out`` left beside it (not those of live writers here)."""
+    removed = []
+    for folder in sorted(out.parent.glob(f".{out.name}.synth-*.tmp")) if out.parent.is_dir() else []:
+        writer = folder.name[len(f".{out.name}.synth-"):].rsplit("-", 2)
+        if len(writer) == 3 and writer[0] == socket.gethostname() and _alive(writer[1]):
+            continue
+        if len(writer) == 3 and writer[0] != socket.gethostname():
+            continue  # another machine's writer: it may still be running
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # somebody else's live process
+    return True
+
+
+def _check_replaceable(out: Path) -> None:
+    check_output_dir(out, "--out")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in _GENERATED_ENTRIES and not _is_index_cache(p))
+        if other:
+            raise DataError(f"--out {out} is not empty and not a generated data set (it holds {', '.join(other[:3])}"
+                            f"{', ...' if len(other) > 3 else ''}); choose a new or empty folder")
+
+
+def _is_index_cache(path: Path) -> bool:
+    # The file-index caches hpckd writes next to a split (hpckd.data.index_cache); stale once the set is replaced.
+    return path.name.startswith(".hpckd-index-")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished set to ``out``; an earlier set there is moved aside first and removed after."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
+        os.rename(out, old / "old")
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``"375x500"`` -> (375, 500) as (height, width); ``"32"`` -> (32, 32)."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise DataError(f"--size {text!r}: expected HxW such as 32x32 or 375x500") from None
+    except ValueError as exc:
+        raise DataError(f"--size {text!r}: expected HxW such as 32x32 or 375x500") from exc
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 8:

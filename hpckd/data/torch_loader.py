@@ -23,7 +23,9 @@ from hpckd.data.batch import Batch, ImageFormat
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.render_torch import render
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
+from hpckd.data.index_cache import stale_hint
 from hpckd.data.sources import as_source, decode_rgb
+from hpckd.errors import DataError
 
 
 class ViewsDataset(Dataset):
@@ -40,7 +42,11 @@ class ViewsDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
         data = self.source.read(i)
-        pixels = decode_rgb(data, self.source.encoded, self.source.name(i))
+        try:
+            pixels = decode_rgb(data, self.source.encoded, self.source.name(i))
+        except DataError as exc:
+            hint = stale_hint(self.source.name(i)) if self.source.encoded else ""
+            raise DataError(f"{exc}{hint}") from exc
         img = torch.from_numpy(pixels).permute(2, 0, 1)
         size = np.array([[pixels.shape[0], pixels.shape[1]]])
         out, params = {}, {}
@@ -95,8 +101,29 @@ class TorchLoader(EpochLoader):
         if start >= self.steps_per_epoch:
             return
         self.sampler.epoch, self.sampler.start = self.state.epoch, start
-        for index, views, params in self.loader:
-            index = index.to(self.device, dtype=torch.int64)
-            views = {k: self.image_format.apply(v, self.device) for k, v in views.items()}
-            self.state.step += 1
-            yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch, aug=dict(params))
+        try:
+            for index, views, params in self.loader:
+                index = index.to(self.device, dtype=torch.int64)
+                views = {k: self.image_format.apply(v, self.device) for k, v in views.items()}
+                self.state.step += 1
+                yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch,
+                            aug=dict(params))
+        except DataError as exc:
+            if not str(exc).startswith("Caught "):
+                raise
+            raise type(exc)(worker_error_message(exc)) from exc
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The original message of an error that a DataLoader worker raised.
+
+    The DataLoader re-raises it in this process as ``type(exc)("Caught X in DataLoader worker N. Original
+    Traceback ...")``: the worker's whole traceback inside the message, which must stay one line. The last line of
+    that traceback is ``module.X: message``."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(exc)
+    for cls in type(exc).__mro__:
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last

@@ -120,8 +120,8 @@ def load_wds(folder: str | Path) -> WdsIndex:
         raise DataError(f"no WebDataset manifest {path}; write shards with `hpckd data shard --src DIR --out {folder}`")
     try:
         m = json.loads(path.read_text())
-    except ValueError:
-        raise DataError(f"{path} is not valid JSON; re-run `hpckd data shard`") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON; re-run `hpckd data shard`") from exc
     missing = [s["path"] for s in m["shards"] if not (folder / s["path"]).is_file()]
     if missing:
         raise DataError(f"{folder}: missing shard file(s) {missing[:3]} named in {MANIFEST}")

@@ -4,12 +4,12 @@ Each original (crop+flip) sample x is kept and an augmented copy x' (Mixup, CutM
 appended, doubling the batch; the teacher sees x' too. For x the loss is the usual KD loss (Eq. 1); for x'
 it is *only* the KL term: the labels that Mixup/CutMix assign are not used (Sec. 4.1, App. A.4):
 
-    L = ce_weight CE(x) + kd_weight [ tau^2 KL_x + aug_kd_weight tau^2 KL_x' ],
+    L = ce_weight CE(x) + kd_weight [ tau^2 KL_x + aug_kd_weight tau^2 KL_x' ]   (aug_kd_weight: loss.da),
 
 each KL averaged over its own half, and the two half-means summed, as in the study's code
 (``lw_mix = [1, 0, 1]``, ``-r 0.1 -a 0.9``: ce_weight 0.1, kd_weight 0.9, i.e. alpha = 0.1 here).
 
-Marker contract: the batch op that doubles the batch sets ``batch.aug["doubled"]``, a bool tensor (N,) that is
+Marker contract: the batch op that doubles the batch sets ``batch.doubled``, a bool tensor (N,) that is
 True for augmented-half samples; their ``labels`` entries are ignored by this loss (they must still be class
 ids, e.g. the source sample's label, because every label is range-checked).
 Terms: ``ce`` (original half), ``kd`` (original half), ``kd_aug`` (augmented half); per-teacher ``kd{k}`` /
@@ -20,26 +20,21 @@ from __future__ import annotations
 
 import torch
 
+from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
-from hpckd.losses.base import and_masks, weighted_total
+from hpckd.losses.base import and_masks, register, weighted_total
 from hpckd.losses.kd import EnsembleKD
-from hpckd.losses.registry import register
 
-DOUBLED = "doubled"
-
-
-def augmented_half(batch: object, n: int, device: torch.device) -> torch.Tensor:
-    """The (N,) bool marker of augmented-half samples, ``batch.aug["doubled"]``; a clear error when absent."""
-    aug = getattr(batch, "aug", None) or {}
-    marker = aug.get(DOUBLED) if isinstance(aug, dict) else None
-    if marker is None:
+def augmented_half(batch: Batch, n: int, device: torch.device) -> torch.Tensor:
+    """The (N,) bool marker of augmented-half samples, ``batch.doubled``; a clear error when absent."""
+    if batch.doubled is None:
         raise ConfigError(
-            "loss 'kd_da' needs a doubled batch: the batch op appending the augmented copies must set "
-            "batch.aug['doubled'] (True for augmented samples); use loss.name=kd for a plain batch"
+            "loss 'kd_da' needs a doubled batch (batch.doubled, set by batch_ops.scheme with batch_ops.doubled=true); "
+            "use loss.name=kd for a plain batch"
         )
-    marker = torch.as_tensor(marker, device=device).to(torch.bool).reshape(-1)
+    marker = batch.doubled.to(device=device, dtype=torch.bool).reshape(-1)
     if marker.numel() != n:
-        raise ConfigError(f"batch.aug['doubled'] marks {marker.numel()} samples but the student gave {n} logits")
+        raise ConfigError(f"batch.doubled marks {marker.numel()} samples but the student gave {n} logits")
     return marker
 
 
@@ -47,7 +42,7 @@ def augmented_half(batch: object, n: int, device: torch.device) -> torch.Tensor:
 class DoubledBatchKD(EnsembleKD):
     """CE + KD on the original half, KL only on the augmented half (augmentation study Sec. 4.1)."""
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         valid = self.mask(batch, student)
         aug = augmented_half(batch, student.shape[0], student.device)
         orig_mask, aug_mask = and_masks(valid, ~aug), and_masks(valid, aug)
@@ -56,7 +51,7 @@ class DoubledBatchKD(EnsembleKD):
         ce = self.hard_label_term(student, batch, orig_mask)
         cfg = self.cfg
         total = weighted_total(
-            [(cfg.ce_weight, ce), (cfg.kd_weight, orig["kd"]), (cfg.kd_weight * cfg.aug_kd_weight, augd["kd"])]
+            [(cfg.ce_weight, ce), (cfg.kd_weight, orig["kd"]), (cfg.kd_weight * cfg.da.aug_kd_weight, augd["kd"])]
         )
         terms = {"loss": total, "ce": ce.detach()}
         terms.update({k: v.detach() for k, v in orig.items()})

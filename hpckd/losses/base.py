@@ -11,22 +11,23 @@ equally many valid samples (all but a padded last batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from hpckd.config.methods import LossConfig
+from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
 from hpckd.losses.checks import check_logits
-from hpckd.losses.config import LossConfig
 from hpckd.losses.functional import hard_ce, masked_mean, mixed_hard_ce
 
 
 class Loss(nn.Module):
     """Base class: checks and up-casts the inputs, then calls :meth:`compute`.
 
-    Subclasses are registered with :func:`hpckd.losses.registry.register` (which sets ``name``) and set
-    ``min_teachers`` / ``max_teachers``.
+    Subclasses are registered with :func:`register` (which sets ``name``) and set ``min_teachers`` /
+    ``max_teachers``.
     """
 
     name: str = "?"
@@ -38,14 +39,14 @@ class Loss(nn.Module):
         self.cfg = cfg
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], batch: object
+        self, student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], batch: Batch
     ) -> dict[str, torch.Tensor]:
         teachers = list(teacher_logits)
         self._check_teacher_count(len(teachers))
         check_logits(student_logits, teachers, batch, check_finite=self.cfg.check_finite)
         return self.compute(compute_dtype(student_logits), [compute_dtype(t).detach() for t in teachers], batch)
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def _check_teacher_count(self, n: int) -> None:
@@ -57,17 +58,17 @@ class Loss(nn.Module):
         if self.max_teachers is not None and n > self.max_teachers:
             raise ConfigError(f"loss '{self.name}' takes at most {self.max_teachers} teacher(s) but got {n}")
 
-    def mask(self, batch: object, student: torch.Tensor) -> torch.Tensor | None:
+    def mask(self, batch: Batch, student: torch.Tensor) -> torch.Tensor | None:
         return valid_mask(batch, student.shape[0], student.device)
 
-    def hard_label_term(self, student: torch.Tensor, batch: object, mask: torch.Tensor | None) -> torch.Tensor:
+    def hard_label_term(self, student: torch.Tensor, batch: Batch, mask: torch.Tensor | None) -> torch.Tensor:
         """Mean L_NLL over the kept samples (with the configured label smoothing); on rows mixed by Mixup/CutMix
-        the mixed target's CE when ``mixed_labels`` (see :func:`label_mix`)."""
-        mix = label_mix(batch) if self.cfg.mixed_labels else None
+        the mixed target's CE when ``mixed_labels`` (``batch.label_mix``, set by :mod:`hpckd.data.batchops`)."""
+        mix = batch.label_mix if self.cfg.mixed_labels else None
         if mix is None:
             return masked_mean(hard_ce(student, batch.labels, self.cfg.label_smoothing), mask)
-        per_sample = mixed_hard_ce(student, batch.labels, mix["partner_label"].to(student.device),
-                                   mix["lam"].to(student.device), self.cfg.label_smoothing)
+        per_sample = mixed_hard_ce(student, batch.labels, mix.partner_label.to(student.device),
+                                   mix.lam.to(student.device), self.cfg.label_smoothing)
         return masked_mean(per_sample, mask)
 
     def ce_kd_terms(self, ce: torch.Tensor, kd: torch.Tensor, **logged: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,10 +80,22 @@ class Loss(nn.Module):
         return f"name={self.name}"
 
 
-def label_mix(batch: object) -> dict[str, torch.Tensor] | None:
-    """``batch.aug["label_mix"]`` (written by Mixup/CutMix/CutMixPick in :mod:`hpckd.data.batchops`), if any."""
-    aug = getattr(batch, "aug", None)
-    return aug.get("label_mix") if isinstance(aug, dict) else None
+# Registered losses, name -> class. Filled by @register in the method modules, which
+# :mod:`hpckd.losses.registry` imports; defined here, below them, so that no method module imports the registry.
+LOSSES: dict[str, type[Loss]] = {}
+
+
+def register(name: str) -> Callable[[type[Loss]], type[Loss]]:
+    """Class decorator registering a Loss subclass under ``name`` (sets ``cls.name``)."""
+
+    def wrap(cls: type[Loss]) -> type[Loss]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        cls.name = name
+        LOSSES[name] = cls
+        return cls
+
+    return wrap
 
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +103,9 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def valid_mask(batch: object, n: int, device: torch.device) -> torch.Tensor | None:
+def valid_mask(batch: Batch, n: int, device: torch.device) -> torch.Tensor | None:
     """``batch.valid`` as a bool tensor on ``device`` (None when every sample counts)."""
-    valid = getattr(batch, "valid", None)
+    valid = batch.valid
     if valid is None:
         return None
     valid = valid.to(device=device, dtype=torch.bool).reshape(-1)

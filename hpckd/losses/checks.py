@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError, UserError
 
 
@@ -18,20 +19,19 @@ class NonFiniteError(UserError):
     """Logits or a loss value contain NaN or Inf (a diverged model, a corrupt teacher or logit store)."""
 
 
-def _batch_where(batch: object | None, bad: torch.Tensor | None = None) -> str:
+def _batch_where(batch: Batch | None, bad: torch.Tensor | None = None) -> str:
     """Describe the batch (epoch, first global sample ids) for an error message."""
     if batch is None:
         return "this batch"
-    epoch = getattr(batch, "epoch", "?")
-    index = getattr(batch, "index", None)
-    if bad is not None and index is not None and bad.numel() == index.numel():
+    epoch, index = batch.epoch, batch.index
+    if bad is not None and bad.numel() == index.numel():
         ids = index.reshape(-1)[bad.reshape(-1).to(index.device)][:5].tolist()
         return f"batch of epoch {epoch}, sample ids {ids}"
     return f"batch of epoch {epoch}"
 
 
 def check_logits(
-    student: torch.Tensor, teachers: Sequence[torch.Tensor], batch: object | None = None, check_finite: bool = True
+    student: torch.Tensor, teachers: Sequence[torch.Tensor], batch: Batch | None = None, check_finite: bool = True
 ) -> None:
     """Raise a one-line error for malformed logits.
 
@@ -75,14 +75,14 @@ def _check_shapes(student: torch.Tensor, teachers: Sequence[torch.Tensor]) -> No
             raise ConfigError(f"teacher {k} gives logits for {t.shape[0]} samples but the student for {n}")
 
 
-def _class_labels(batch: object | None) -> torch.Tensor | None:
-    labels = getattr(batch, "labels", None)
+def _class_labels(batch: Batch | None) -> torch.Tensor | None:
+    labels = None if batch is None else batch.labels
     if labels is None or labels.numel() == 0 or labels.dim() != 1 or labels.is_floating_point():
         return None
     return labels
 
 
-def _check_label_range(labels: torch.Tensor, c: int, batch: object | None) -> None:
+def _check_label_range(labels: torch.Tensor, c: int, batch: Batch | None) -> None:
     bad = (labels >= c) | (labels < 0)
     if bool(bad.any()):
         first = int(labels[bad][0])
@@ -92,20 +92,23 @@ def _check_label_range(labels: torch.Tensor, c: int, batch: object | None) -> No
         )
 
 
-def _check_finite(who: str, logits: torch.Tensor, batch: object | None) -> None:
+def _check_finite(who: str, logits: torch.Tensor, batch: Batch | None) -> None:
     finite = torch.isfinite(logits)
     if bool(finite.all()):
         return
     bad = ~finite.all(dim=1)
     kind = "NaN" if bool(torch.isnan(logits).any()) else "Inf"
+    # The fix depends on whose logits they are: a student that diverged needs another rate; a teacher that gives
+    # NaN/Inf on real images is a broken checkpoint, which no rate of the student's run can mend.
+    fix = ("the student diverged (lower optim.lr, or use optim.clip_grad_norm)" if who == "student"
+           else f"{who}'s checkpoint is broken (it was saved diverged or corrupted); retrain or replace it")
     raise NonFiniteError(
         f"{who} logits contain {kind} for {int(bad.sum())} of {logits.shape[0]} samples in "
-        f"{_batch_where(batch, bad)}: the model diverged or its checkpoint/logit store is corrupt "
-        f"(lower the learning rate, or re-create the teacher's logits)"
+        f"{_batch_where(batch, bad)}: {fix}"
     )
 
 
-def check_loss_finite(terms: dict[str, torch.Tensor], batch: object | None = None) -> None:
+def check_loss_finite(terms: dict[str, torch.Tensor], batch: Batch | None = None) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite term (the engine adds the step number)."""
     for name, value in terms.items():
         if not bool(torch.isfinite(value.detach()).all()):

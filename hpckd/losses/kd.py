@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from hpckd.losses.base import Loss
+from hpckd.data.batch import Batch
+from hpckd.losses.base import Loss, register
 from hpckd.losses.functional import kd_term, masked_mean
-from hpckd.losses.registry import register
 from hpckd.teachers.ensemble import ensemble_distribution
 
 
@@ -35,7 +35,7 @@ class CrossEntropy(Loss):
 
     min_teachers = 0
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         ce = self.hard_label_term(student, batch, self.mask(batch, student))
         return {"loss": ce, "ce": ce.detach()}
 
@@ -57,7 +57,7 @@ class EnsembleKD(Loss):
             terms.update({f"kd{k}": v.detach() for k, v in enumerate(per_teacher)})
         return terms
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         mask = self.mask(batch, student)
         return self.ce_kd_terms(self.hard_label_term(student, batch, mask), **self.kd_terms(student, teachers, mask))
 
@@ -72,7 +72,7 @@ class HintonKD(EnsembleKD):
 class PureKD(EnsembleKD):
     """Pure distillation L = L_KD: no hard-label term whatever ce_weight says (fidelity study Sec. 3.1, alpha = 0)."""
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         mask = self.mask(batch, student)
         terms = self.kd_terms(student, teachers, mask)
         with torch.no_grad():

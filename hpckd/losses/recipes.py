@@ -19,12 +19,13 @@ efficient_stage2       ckm                 teacher tau 0.7, student tau 1, t = 0
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 from dataclasses import dataclass
 
+from hpckd.config.methods import LossConfig, TargetsConfig, WSLConfig
 from hpckd.errors import ConfigError
-from hpckd.losses.config import LossConfig
+from hpckd.losses.config import validated
 
 RECIPES: dict[str, LossConfig] = {
     "attention_study": LossConfig(name="ensemble_kd", tau=10.0, alpha=0.2),
@@ -38,13 +39,14 @@ RECIPES: dict[str, LossConfig] = {
         tau=1.0,
         ce_weight=0.0,
         kd_weight=1.0,
-        target_manipulate="label_smoothing",
-        target_subset="reg_correct",
+        targets=TargetsConfig(manipulate="label_smoothing", subset="reg_correct"),
     ),
     "efficient_stage1": LossConfig(
-        name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1, wsl_weight_tau="tau"
+        name="wsl", tau=2.0, ce_weight=1.0, kd_weight=0.5, label_smoothing=0.1, wsl=WSLConfig(weight_tau="tau")
     ),
-    "efficient_stage2": LossConfig(name="ckm", tau=1.0, teacher_tau=0.7, ce_weight=0.0, kd_weight=1.0, smoothing=0.99),
+    "efficient_stage2": LossConfig(
+        name="ckm", tau=1.0, teacher_tau=0.7, ce_weight=0.0, kd_weight=1.0, targets=TargetsConfig(smoothing=0.99)
+    ),
 }
 
 
@@ -54,7 +56,7 @@ def recipe(name: str) -> LossConfig:
         close = difflib.get_close_matches(name, list(RECIPES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown loss recipe '{name}'{hint}; choose one of {', '.join(sorted(RECIPES))}")
-    return dataclasses.replace(RECIPES[name]).validated()
+    return validated(copy.deepcopy(RECIPES[name]))  # deep: the subsections must not be shared with RECIPES
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """Soft-target replacement and manipulation: the analysis tools of the response-based study (Sec. 4).
 
 ``soft_target_kd`` distils from the soft targets of teacher 0 (the weak teacher t-) after, on the samples of
-``loss.target_subset`` (all | correct | reg | reg_correct | not_correct, Fig. 4),
+``loss.targets.subset`` (all | correct | reg | reg_correct | not_correct, Fig. 4),
 
-* ``loss.target_replace`` = full | partial | confidence: replacing them by teacher 1's (the strong teacher t+;
+* ``loss.targets.replace`` = full | partial | confidence: replacing them by teacher 1's (the strong teacher t+;
   Sec. 4.1, Eqs. 1-2), or
-* ``loss.target_manipulate`` = label_smoothing (Eq. 3, t = ``loss.smoothing``) | teacher_amplification (Eq. 4)
-  | student_amplification (Eq. 5, delta = ``loss.amplify_delta``).
+* ``loss.targets.manipulate`` = label_smoothing (Eq. 3, t = ``loss.targets.smoothing``) | teacher_amplification
+  (Eq. 4) | student_amplification (Eq. 5, delta = ``loss.targets.amplify_delta``).
 
 The loss is ce_weight L_CE + kd_weight mean_n KD(y_n, z_s,n) with the tau^2-scaled KD of Sec. 3 against the
 modified target y (:func:`hpckd.losses.functional.kd_from_probs`). The study distils with MEAL V2's setting,
@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hpckd.config.methods import LossConfig
+from hpckd.data.batch import Batch
 from hpckd.errors import ConfigError
-from hpckd.losses.base import Loss
-from hpckd.losses.config import LossConfig
+from hpckd.losses.base import Loss, register
 from hpckd.losses.functional import kd_from_probs, masked_mean
-from hpckd.losses.registry import register
 from hpckd.losses.targets import REPLACEMENTS, amplification, label_smoothing_target, subset_mask
 
 
@@ -34,36 +34,36 @@ class SoftTargetKD(Loss):
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__(cfg)
-        if cfg.target_replace != "none" and cfg.target_manipulate != "none":
+        if cfg.targets.replace != "none" and cfg.targets.manipulate != "none":
             raise ConfigError(
-                "loss.target_replace and loss.target_manipulate are both set: the study varies one at a time"
+                "loss.targets.replace and loss.targets.manipulate are both set: the study varies one at a time"
             )
-        self.min_teachers = 2 if cfg.target_replace != "none" else 1
+        self.min_teachers = 2 if cfg.targets.replace != "none" else 1
         self.max_teachers = 2
 
     def targets(
         self, student: torch.Tensor, teachers: list[torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(modified targets (N, C), subset mask (N,)) at the teacher temperature."""
-        cfg = self.cfg
+        cfg, rule = self.cfg, self.cfg.targets
         tau_t = cfg.teacher_tau or cfg.tau
         weak = teachers[0] / tau_t
         s_tempered = student.detach() / cfg.tau
         base = F.softmax(weak, dim=1)
-        subset = subset_mask(cfg.target_subset, weak, s_tempered, labels)
-        if cfg.target_replace != "none":
-            changed = REPLACEMENTS[cfg.target_replace](weak, teachers[1] / tau_t, labels)
-        elif cfg.target_manipulate == "label_smoothing":
-            changed = label_smoothing_target(labels, student.shape[1], cfg.smoothing, cfg.smoothing_form, base.dtype)
-        elif cfg.target_manipulate == "teacher_amplification":
-            changed = amplification(weak, labels, cfg.amplify_delta)
-        elif cfg.target_manipulate == "student_amplification":
-            changed = amplification(s_tempered, labels, cfg.amplify_delta)
+        subset = subset_mask(rule.subset, weak, s_tempered, labels)
+        if rule.replace != "none":
+            changed = REPLACEMENTS[rule.replace](weak, teachers[1] / tau_t, labels)
+        elif rule.manipulate == "label_smoothing":
+            changed = label_smoothing_target(labels, student.shape[1], rule.smoothing, rule.smoothing_form, base.dtype)
+        elif rule.manipulate == "teacher_amplification":
+            changed = amplification(weak, labels, rule.amplify_delta)
+        elif rule.manipulate == "student_amplification":
+            changed = amplification(s_tempered, labels, rule.amplify_delta)
         else:
             return base, torch.zeros_like(subset)
         return torch.where(subset.unsqueeze(1), changed.to(base.dtype), base), subset
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         cfg, mask = self.cfg, self.mask(batch, student)
         target, subset = self.targets(student, teachers, batch.labels)
         kd = masked_mean(kd_from_probs(student, target, cfg.tau, cfg.kd_form), mask)

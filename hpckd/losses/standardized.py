@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import torch
 
+from hpckd.data.batch import Batch
+from hpckd.losses.base import register
 from hpckd.losses.functional import zscore
 from hpckd.losses.kd import EnsembleKD
-from hpckd.losses.registry import register
 
 
 @register("standardized_kd")
 class StandardizedKD(EnsembleKD):
     """Ensemble KD on z-scored logits (Sun et al. 2024; attention study Sec. 6.2)."""
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         mask = self.mask(batch, student)
         terms = self.kd_terms(zscore(student), [zscore(t) for t in teachers], mask)
         return self.ce_kd_terms(self.hard_label_term(student, batch, mask), **terms)

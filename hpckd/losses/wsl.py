@@ -7,13 +7,14 @@ student already beats the teacher (CE_s << CE_t, "regularisation samples") get s
 
     L = ce_weight CE_ls(z_s, y) + kd_weight mean_n w_n L_KD,n.
 
-``wsl_weight_tau`` picks the temperature of the two CEs: ``tau`` (EffDstl's code: sigma(z/tau)) or ``one``
+``loss.wsl.weight_tau`` picks the temperature of the two CEs: ``tau`` (EffDstl's code: sigma(z/tau)) or ``one``
 (the WSL authors' code: sigma(z), with CE_t + 1e-7). Stage-1 recipe: tau = 2, ce_weight = 1 with label
 smoothing 0.1, kd_weight = 0.5 (EffDstl configs); the WSL paper's own is ce 1, kd 2.5, tau 2.
 
 ``ckm`` — consistent knowledge mining (Sec. 5.1; stage 2): for a sample whose teacher is correct
 (argmax z_t = k) but less confident than the student on k (y^t_k < y^s_k), the teacher's soft target is
-replaced by a label-smoothed target with confidence t = 0.99 (Eq. 3); other samples are distilled
+replaced by a label-smoothed target with confidence t = 0.99 (Eq. 3: ``loss.targets.smoothing`` and
+``loss.targets.smoothing_form``, shared with ``soft_target_kd``'s label_smoothing); other samples are distilled
 unchanged:
 
     L_n = CE(LS_t(y), sigma(z_s))                      if mined,
@@ -29,9 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hpckd.losses.base import Loss
+from hpckd.data.batch import Batch
+from hpckd.losses.base import Loss, register
 from hpckd.losses.functional import kd_term, masked_mean
-from hpckd.losses.registry import register
 from hpckd.losses.targets import label_prob, label_smoothing_target
 
 
@@ -57,10 +58,10 @@ class WeightedSoftLabels(Loss):
 
     max_teachers = 1
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         cfg, teacher, mask = self.cfg, teachers[0], self.mask(batch, student)
         tau_t = cfg.teacher_tau or cfg.tau
-        if cfg.wsl_weight_tau == "tau":
+        if cfg.wsl.weight_tau == "tau":
             w = wsl_weight(student, teacher, batch.labels, cfg.tau, tau_t)
         else:
             w = wsl_weight(student, teacher, batch.labels, 1.0, 1.0, eps=1e-7)
@@ -85,11 +86,12 @@ class ConsistentKnowledgeMining(Loss):
 
     max_teachers = 1
 
-    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: object) -> dict[str, torch.Tensor]:
+    def compute(self, student: torch.Tensor, teachers: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         cfg, teacher, labels, mask = self.cfg, teachers[0], batch.labels, self.mask(batch, student)
         tau_t = cfg.teacher_tau or cfg.tau
         mined = mined_mask(student, teacher, labels, cfg.tau, tau_t)
-        smoothed = label_smoothing_target(labels, student.shape[1], cfg.smoothing, cfg.smoothing_form, student.dtype)
+        smoothed = label_smoothing_target(labels, student.shape[1], cfg.targets.smoothing, cfg.targets.smoothing_form,
+                                          student.dtype)
         label_term = -(smoothed * F.log_softmax(student, dim=1)).sum(dim=1)
         kd_per_sample = kd_term(student, teacher, cfg.tau, cfg.kd_form, cfg.teacher_tau)
         kd = masked_mean(torch.where(mined, label_term, kd_per_sample), mask)

@@ -12,10 +12,11 @@ T. stddev (augmentation study Eq. 9-10).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
 
 import torch
 
+from hpckd.config.schema import EvaluatorOptions
 from hpckd.metrics.calibration import (
     WEIGHTINGS,
     ReliabilityDiagram,
@@ -33,51 +34,24 @@ from hpckd.metrics.tstddev import TStdDev
 MI_ESTIMATORS: tuple[str, ...] = ("split", "per_batch")
 
 
-@dataclass
-class EvaluatorOptions:
-    """Choices where the studies (or their public code) differ; defaults follow the papers' text.
-
-    Attributes:
-        n_bins: ECE / reliability-diagram bins (15, Guo et al. 2017).
-        ece_weighting: ``"count"`` (attention study Eq. 13) or ``"uniform"`` (its public code).
-        kl_direction: ``"teacher_student"`` = KL(p_t || p_s) (fidelity study Eq. 3) or ``"student_teacher"``
-            (the attention study's code).
-        kl_scale: factor on the reported KL (1; the attention study's code uses 10).
-        kl_temperature: softmax temperature of the KL (1, as in the fidelity study).
-        mi_estimator: ``"split"`` (one joint histogram of the whole split; exact on any number of ranks) or
-            ``"per_batch"`` (mean of per-``update`` estimates, the attention study's code; depends on batching,
-            so it is rank-invariant only when every rank sees the same batches as 1 rank would).
-        topk: accuracies to report; k = 1 is always reported as ``accuracy``, k > 1 as ``accuracy_top{k}``.
-        tstddev_group_size: if set, also report T. stddev over the teacher outputs with groups of this size
-            (augmentation study: 640); needs teacher logits in loader order (see :class:`TStdDev`).
-        tstddev_unbiased: unbiased variance across groups (default) or the biased ``np.var`` of the public code.
-        tstddev_rows_per_position: see :class:`TStdDev` (2 for doubled batches with shared positions).
-    """
-
-    n_bins: int = 15
-    ece_weighting: str = "count"
-    kl_direction: str = "teacher_student"
-    kl_scale: float = 1.0
-    kl_temperature: float = 1.0
-    mi_estimator: str = "split"
-    topk: tuple[int, ...] = (1, 5)
-    tstddev_group_size: int | None = None
-    tstddev_unbiased: bool = True
-    tstddev_rows_per_position: int = 1
-
-    def __post_init__(self) -> None:
-        self.topk = tuple(int(k) for k in self.topk)
-        checks = [
-            (self.ece_weighting in WEIGHTINGS, f"ece_weighting must be one of {WEIGHTINGS}"),
-            (self.kl_direction in KL_DIRECTIONS, f"kl_direction must be one of {KL_DIRECTIONS}"),
-            (self.mi_estimator in MI_ESTIMATORS, f"mi_estimator must be one of {MI_ESTIMATORS}"),
-            (self.n_bins >= 1, "n_bins must be >= 1"),
-            (self.kl_temperature > 0, "kl_temperature must be > 0"),
-            (all(k >= 1 for k in self.topk), "topk entries must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"EvaluatorOptions: {message}")
+def check_options(options: EvaluatorOptions) -> EvaluatorOptions:
+    """``options`` with ``topk`` as a tuple of ints; ValueError naming the first bad choice or range."""
+    options = dataclasses.replace(options, topk=tuple(int(k) for k in options.topk))
+    checks = [
+        (options.ece_weighting in WEIGHTINGS, f"ece_weighting must be one of {WEIGHTINGS}"),
+        (options.kl_direction in KL_DIRECTIONS, f"kl_direction must be one of {KL_DIRECTIONS}"),
+        (options.mi_estimator in MI_ESTIMATORS, f"mi_estimator must be one of {MI_ESTIMATORS}"),
+        (options.n_bins >= 1, "n_bins must be >= 1"),
+        (options.kl_temperature > 0, "kl_temperature must be > 0"),
+        (all(k >= 1 for k in options.topk), "topk entries must be >= 1"),
+        (options.kl_scale > 0, "kl_scale must be > 0"),
+        (options.tstddev_group_size is None or options.tstddev_group_size >= 1, "tstddev_group_size must be >= 1"),
+        (options.tstddev_rows_per_position >= 1, "tstddev_rows_per_position must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"EvaluatorOptions: {message}")
+    return options
 
 
 class Evaluator:
@@ -104,7 +78,7 @@ class Evaluator:
         if options is not None and kwargs:
             raise ValueError("pass either an EvaluatorOptions or keyword options, not both")
         self.num_classes = num_classes
-        self.options = options if options is not None else EvaluatorOptions(**kwargs)  # type: ignore[arg-type]
+        self.options = check_options(options if options is not None else EvaluatorOptions(**kwargs))  # type: ignore[arg-type]
         self.reset()
 
     # ----------------------------------------------------------------------------------------------- state
@@ -278,4 +252,4 @@ def _nan_except(metrics: dict[str, float], keep: tuple[str, ...]) -> dict[str, f
 
 def option_names() -> list[str]:
     """Names of the Evaluator's keyword options (for config validation by callers)."""
-    return [f.name for f in fields(EvaluatorOptions)]
+    return [f.name for f in dataclasses.fields(EvaluatorOptions)]

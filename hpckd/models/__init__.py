@@ -11,6 +11,16 @@
 * :func:`cam_features`, :func:`vit_attentions` -- the hooks the attention metrics use.
 """
 
+# Registering imports first: each builder module adds its models to the registry.
+from hpckd.models import (  # noqa: F401  (imported for their @register side effect)
+    cifar_mobilenetv2,
+    cifar_resnet,
+    cifar_shufflenet,
+    cifar_vgg,
+    preact_resnet,
+    torchvision_nets,
+    wrn,
+)
 from hpckd.models.complexity import ModelRow, count_macs, count_params, describe_models, format_table
 from hpckd.models.hooks import cam_features, forward_with_attentions, linear_head, unwrap, vit_attentions
 from hpckd.models.registry import ModelSpec, available, create, register, spec

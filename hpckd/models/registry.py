@@ -56,22 +56,23 @@ def register(
     return wrap
 
 
+# The builder modules register themselves when imported; the package (hpckd/models/__init__.py) imports all of
+# them, and importing this module runs the package first, so the table is complete whenever it is read.
+
+
 def available() -> list[str]:
     """Sorted names of every registered model."""
-    _import_builders()
     return sorted(_BUILDERS)
 
 
 def spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``name``; an unknown name is one :class:`ConfigError` with a suggestion."""
-    _import_builders()
     _check_known(name)
     return _SPECS[name]
 
 
 def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs and random initialisation (never downloads)."""
-    _import_builders()
     _check_known(name)
     model = _BUILDERS[name](num_classes=num_classes, **kwargs)
     # Remembered so that load_weights can name the architecture in its errors.
@@ -84,16 +85,3 @@ def _check_known(name: str) -> None:
         close = difflib.get_close_matches(name, _BUILDERS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown model '{name}'{hint}; see `hpckd models` for the list")
-
-
-def _import_builders() -> None:
-    # Importing the modules runs their @register decorators.
-    from hpckd.models import (  # noqa: F401
-        cifar_mobilenetv2,
-        cifar_resnet,
-        cifar_shufflenet,
-        cifar_vgg,
-        preact_resnet,
-        torchvision_nets,
-        wrn,
-    )

@@ -34,7 +34,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, drop_head: bool =
     Args:
         model: the target network (a DDP / compiled wrapper is unwrapped).
         path: a ``torch.save``-d state dict (torchvision's ``*.pth`` files) or an hpckd checkpoint (a dict with a
-            ``model`` state dict, as written by :func:`hpckd.train.checkpoint.save_checkpoint`).
+            ``model`` state dict, as written by :func:`hpckd.checkpoint.save_checkpoint`).
         drop_head: leave the model's classifier as it is and skip the checkpoint's (for fine-tuning on another
             class count).
     """

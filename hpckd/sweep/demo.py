@@ -1,7 +1,8 @@
 """The embedded default sweep behind ``hpckd demo`` (and ``make demo``).
 
 Stages, each one array job on the chosen executor (submitit's local executor by default, SLURM on a cluster):
-  0. generate a 10-class JPEG data set (32x32) unless it is there already;
+  0. generate a 10-class JPEG data set (32x32) unless the complete set is there already (a set that a killed
+     demo left half-written is generated again: :func:`hpckd.data.synth.is_complete`);
   1. teachers: T1 trained with weak augmentation, T2 with strong augmentation (CE);
   2. students: one per trial, distilled from the ensemble {T1, T2} with the attention study's ensemble KD loss,
      the student trained with weak (T1wT2sSw) or strong (T1wT2sSs) augmentation, plus a CE-only baseline;
@@ -10,6 +11,8 @@ Stages, each one array job on the chosen executor (submitit's local executor by 
 Finished stages are not run again: a re-run resumes where the sweep stopped. The teacher and student jobs are
 :class:`StageJob` objects, ``submitit.helpers.Checkpointable`` like every hpckd training job: on SLURM a preempted
 (or timed-out) stage job checkpoints at the next step, is requeued, and resumes from its ``out_dir``.
+SIGINT/SIGTERM to the driver cancels the running stage jobs (they checkpoint and stop) and ends the demo with one
+line (:class:`hpckd.sweep.executor.SweepStopped`); a re-run resumes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpckd.data.synth import SynthSpec, write_imagefolder
+from hpckd.data.synth import SynthSpec, is_complete, write_imagefolder
+from hpckd.errors import UserError
 from hpckd.train.job import TrainJob
 
 
@@ -34,6 +38,7 @@ class Job:
         return root / "runs" / self.name
 
 
+DATA_SPEC = SynthSpec(classes=10, per_class=150, val_per_class=30, seed=0)
 TEACHER_ARCH = "resnet20"
 STUDENT_ARCH = "resnet8"
 TRAINING = ("data.batch_size=32", "optim.lr=0.05")  # small batches: more steps on a 1,500-image set
@@ -95,21 +100,41 @@ def run_stage(jobs: list[Job], root: Path, executor: str) -> None:
     if not todo:
         print(f"  already done: {', '.join(j.name for j in jobs)}")
         return
-    from hpckd.sweep.executor import collect_results, make_executor
+    from hpckd.sweep.executor import cancel_on_signals, collect_results, make_executor
 
     cpus = max(1, (os.cpu_count() or 2) // len(todo))
     ex = make_executor(executor, root / "submitit", cpus_per_task=cpus, timeout_min=60)
-    print(f"  running {', '.join(j.name for j in todo)} on the {executor} executor")
-    # One array job, as map_array would submit, but of distinct Checkpointable objects: submitit only
-    # checkpoints and requeues a job whose submitted function has a checkpoint() method.
-    collect_results(ex.submit_array(stage_calls(todo, root, cpus)))
+    print(f"  running {', '.join(j.name for j in todo)} on the {executor} executor", flush=True)
+    submitted: list = []
+    with cancel_on_signals(submitted):  # a signal during the submission cancels what was submitted so far
+        # One array job, as map_array would submit, but of distinct Checkpointable objects: submitit only
+        # checkpoints and requeues a job whose submitted function has a checkpoint() method.
+        submitted.extend(ex.submit_array(stage_calls(todo, root, cpus)))
+        collect_results(submitted)
+
+
+def prepare_data(data_root: Path, spec: SynthSpec = DATA_SPEC) -> str:
+    """Generate the demo's data set unless the complete set is there; says what it did."""
+    if is_complete(data_root, spec):
+        return "already there"
+    counts = write_imagefolder(data_root, spec)
+    return (f"generated {counts['train']} train / {counts['val']} val JPEGs ({spec.classes} classes, "
+            f"{spec.height}x{spec.width})")
 
 
 def read_results(root: Path, names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        with (root / "runs" / name / "results.json").open() as handle:
-            rows.append(json.load(handle))
+        path = root / "runs" / name / "results.json"
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid JSON"
+            raise UserError(f"cannot read the results of stage job {name}: {path} ({reason}); delete "
+                            f"{path.parent} and rerun the demo to redo that job") from exc
+        if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("metrics"), dict):
+            raise UserError(f"{path} holds no metrics (not a finished run's results); delete {path.parent} and "
+                            f"rerun the demo to redo that job")
     return rows
 
 
@@ -128,12 +153,8 @@ def run_demo(out: str | os.PathLike, executor: str = "local", epochs_scale: floa
     data_root = root / "data"
     teacher_epochs = max(1, round(12 * epochs_scale))
     student_epochs = max(1, round(12 * epochs_scale))
-    print(f"[1/4] data: {data_root}")
-    if not (data_root / "val").is_dir():
-        counts = write_imagefolder(data_root, SynthSpec(classes=10, per_class=150, val_per_class=30, seed=0))
-        print(f"  generated {counts['train']} train / {counts['val']} val JPEGs (10 classes, 32x32)")
-    else:
-        print("  already there")
+    print(f"[1/4] data: {data_root}", flush=True)
+    print(f"  {prepare_data(data_root)}", flush=True)
     print(f"[2/4] teachers ({TEACHER_ARCH}, {teacher_epochs} epochs): T1 weak, T2 strong augmentation")
     run_stage(teacher_jobs(data_root, teacher_epochs), root, executor)
     print(f"[3/4] students ({STUDENT_ARCH}, {student_epochs} epochs), ensemble KD from T1w + T2s")

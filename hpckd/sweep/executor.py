@@ -8,14 +8,27 @@ laptop and on a cluster; SLURM-only settings are ignored by the other two.
 :func:`run_array` turns a job that did not complete (cancelled from outside, failed, timed out, or whose function
 raised) into :class:`JobFailed`, a :class:`~hpckd.errors.UserError` whose one line names the job id, its state and
 where its log is, instead of submitit's multi-line traceback.
+
+The driver owns its jobs: SIGINT (Ctrl-C) or SIGTERM while it waits cancels every running job of the array
+(:func:`cancel_on_signals`) -- a local job gets SIGTERM, checkpoints at its next step and stops; one that has not
+stopped after :data:`CANCEL_GRACE_S` seconds, or a second signal, kills it -- and raises :class:`SweepStopped`.
+Local jobs run in sessions of their own (:class:`SessionLocalExecutor`), so a Ctrl-C at the terminal reaches only
+the driver instead of printing a KeyboardInterrupt traceback from every job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import submitit
@@ -48,6 +61,139 @@ class JobFailed(UserError):
     @property
     def state(self) -> str:
         return self.failures[0][1]
+
+
+class SweepStopped(Exception):
+    """The driver was asked to stop (SIGINT/SIGTERM) and has cancelled its running jobs; exit 128 + signum."""
+
+    def __init__(self, signum: int, cancelled: Sequence[str]) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.cancelled = list(cancelled)
+        jobs = f"cancelled job(s) {', '.join(self.cancelled)}" if self.cancelled else "no job was running"
+        super().__init__(f"stopped by {signal.Signals(signum).name}: {jobs}")
+
+
+class _Signalled(BaseException):
+    """Raised by the signal handler out of whatever the driver was waiting on (not an Exception: nothing on the
+    way may swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CANCEL_GRACE_S = 120.0  # a cancelled local job's time to reach its next step and checkpoint
+
+
+@contextlib.contextmanager
+def cancel_on_signals(jobs: Sequence[submitit.Job], grace_s: float | None = None) -> Iterator[None]:
+    """While inside, SIGINT or SIGTERM cancels ``jobs`` (a list that may grow inside the block: what was submitted
+    so far) and raises :class:`SweepStopped`. Outside the main thread (no handlers there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Signalled(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except _Signalled as signalled:
+        cancelled = cancel_jobs(jobs, CANCEL_GRACE_S if grace_s is None else grace_s)
+        raise SweepStopped(signalled.signum, cancelled) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def cancel_jobs(jobs: Sequence[submitit.Job], grace_s: float = CANCEL_GRACE_S) -> list[str]:
+    """Stop every running job of ``jobs`` and wait until it has; returns their ids.
+
+    A local job's controller gets SIGTERM, which it forwards to its tasks (a training task checkpoints at its next
+    step and exits); after ``grace_s`` seconds, or at a further SIGINT/SIGTERM, its whole session is killed. Other
+    jobs (SLURM) are cancelled through submitit (``scancel``: SLURM signals and ends them)."""
+    local = [job for job in jobs if _controller(job) is not None and _controller(job).poll() is None]
+    others = [job for job in jobs if _controller(job) is None and not isinstance(job, submitit.DebugJob)
+              and not _finished(job)]
+
+    def kill_now(signum: int, frame: FrameType | None) -> None:
+        for job in local:
+            _kill_session(_controller(job).pid)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, kill_now) for signum in STOP_SIGNALS} if main_thread else {}
+    try:
+        for job in local:
+            with contextlib.suppress(ProcessLookupError):
+                _controller(job).send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for job in local:
+            process = _controller(job)
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_session(process.pid)
+                process.wait()
+            _kill_session(process.pid)  # a task or loader worker the controller left behind
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for job in others:
+        with contextlib.suppress(Exception):  # already gone, or sacct/scancel unavailable: nothing else to do
+            job.cancel(check=False)
+    return [str(job.job_id) for job in local + others]
+
+
+def _controller(job: submitit.Job) -> subprocess.Popen | None:
+    """The controller process of a local job (None for other executors)."""
+    process = getattr(job, "_process", None) if isinstance(job, submitit.local.local.LocalJob) else None
+    return process if isinstance(process, subprocess.Popen) else None
+
+
+def _finished(job: submitit.Job) -> bool:
+    with contextlib.suppress(Exception):
+        return job_state(job) in COMPLETED_STATES or job.done()
+    return False
+
+
+def _kill_session(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class SessionLocalExecutor(submitit.LocalExecutor):
+    """submitit's local executor with each job's controller in a session of its own.
+
+    With the stock executor a Ctrl-C at the terminal reaches every controller and task, each printing a
+    KeyboardInterrupt traceback; here it reaches only the driver, which cancels the jobs itself
+    (:func:`cancel_on_signals`). The controller is started exactly as ``submitit.local.local.start_controller``
+    (submitit 1.5) starts it, plus ``start_new_session``."""
+
+    def _submit_command(self, command: str) -> submitit.local.local.LocalJob:
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        n_gpus = self.parameters.get("gpus_per_node", 0)
+        visible_gpus = self.parameters.get("visible_gpus", ())
+        gpus = range(n_gpus) if visible_gpus == () else visible_gpus[:n_gpus]
+        env = {
+            **os.environ,
+            "SUBMITIT_LOCAL_NTASKS": str(ntasks),
+            "SUBMITIT_LOCAL_COMMAND": command,
+            "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * self.parameters.get("timeout_min", 2.0))),
+            "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(self.parameters.get("signal_delay_s", 30))),
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_STDERR_TO_STDOUT": "1" if self.parameters.get("stderr_to_stdout", False) else "",
+            "SUBMITIT_EXECUTOR": "local",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(k) for k in gpus),
+            "SUBMITIT_LOCAL_WITH_SHELL": "",
+        }
+        process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
+                                   start_new_session=True)
+        return submitit.local.local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process,
+                                             tasks=list(range(ntasks)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +236,7 @@ def make_executor(
     if kind == "debug":
         return submitit.DebugExecutor(folder)
     if kind == "local":
-        executor = submitit.LocalExecutor(folder)
+        executor = SessionLocalExecutor(folder)
         # The local executor runs one node; cpus_per_task is advisory there (no binding), kept for the record.
         executor.update_parameters(timeout_min=timeout_min, tasks_per_node=tasks_per_node, nodes=1)
         return executor
@@ -112,13 +258,13 @@ def _make_slurm_executor(folder: Path, *, slurm_params: dict[str, Any], **generi
         raise UserError(
             f"executor 'slurm' needs the SLURM client tools (srun, sbatch, sacct) on PATH: {exc}; "
             "use executor 'local' on a machine without SLURM"
-        ) from None
+        ) from exc
     prefixed = {f"slurm_{key}": value for key, value in slurm_params.items() if value is not None}
     try:
         executor.update_parameters(**generic, **prefixed)
     except (NameError, AssertionError, ValueError) as exc:  # submitit's ways of rejecting a parameter
         first_line = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"bad SLURM executor parameter: {first_line}") from None
+        raise ConfigError(f"bad SLURM executor parameter: {first_line}") from exc
     return executor
 
 
@@ -150,9 +296,11 @@ def collect_results(jobs: Sequence[submitit.Job], *, poll_s: float = 2.0) -> lis
     The cluster state is re-read every ``poll_s`` seconds (one ``sacct`` call covers all jobs), so a job cancelled
     from outside is reported within about ``poll_s`` seconds however long it has been running; submitit's own
     back-off would otherwise check only every few minutes. Debug jobs run here, on first access (and, as submitit
-    does for them, open a post-mortem debugger when the function raises).
+    does for them, open a post-mortem debugger when the function raises). SIGINT/SIGTERM while waiting cancels
+    the jobs and raises :class:`SweepStopped`.
     """
-    _wait_all([job for job in jobs if not isinstance(job, submitit.DebugJob)], poll_s)
+    with cancel_on_signals(jobs):
+        _wait_all([job for job in jobs if not isinstance(job, submitit.DebugJob)], poll_s)
     outcomes = [_outcome(job) for job in jobs]
     failures = [(o.job_id, o.state, o.detail) for o in outcomes if not o.ok]
     if failures:

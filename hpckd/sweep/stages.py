@@ -16,20 +16,20 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from hpckd.config import load_config
+from hpckd.train.experiment import load_experiment
 from hpckd.errors import ConfigError
 from hpckd.losses.recipes import efficient_distillation_stages
 
 
 def stage_configs(config: str | None, overrides: Sequence[str], strong_teacher: str, total_epochs: int) -> list:
     """One experiment config per stage (stage 2 starts from stage 1's ``last.pt``)."""
-    base = load_config(config, overrides)
+    base = load_experiment(config, overrides)
     if len(base.teachers) != 1:
         raise ConfigError("efficient distillation starts from exactly one teacher in 'teachers' (the weaker one)")
     out = Path(base.out_dir)
     configs, previous = [], None
     for stage in efficient_distillation_stages(total_epochs):
-        cfg = load_config(config, [*overrides, *stage.overrides, f"optim.epochs={stage.epochs}",
+        cfg = load_experiment(config, [*overrides, *stage.overrides, f"optim.epochs={stage.epochs}",
                                    f"out_dir={out / stage.name}", f"name={base.name}-{stage.name}"])
         cfg.loss = OmegaConf.merge(OmegaConf.structured(type(stage.loss)), dataclasses.asdict(stage.loss))
         if stage.teacher == "second":

@@ -13,7 +13,6 @@ the TeacherSet the same number of times with batches carrying the same view name
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,27 +22,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpckd.checkpoint import load_checkpoint
+from hpckd.config.schema import ServingConfig
 from hpckd.data.batch import STUDENT, Batch
 from hpckd.errors import CheckpointError, ConfigError
 from hpckd.models import apply_state_dict, create
+from hpckd.models.hooks import cam_features, has_cam
+from hpckd.precision import PrecisionPolicy
 from hpckd.teachers import shard
-from hpckd.train.checkpoint import load_checkpoint
 
 
-@dataclass
-class ServingConfig:
-    """How teachers run. Meant to sit in the experiment config (e.g. as ``serving``)."""
-
-    teacher_parallel: bool = False  # shard teachers across DDP ranks (k on rank k % world)
-    exchange: str = "all_to_all"  # all_to_all | all_gather: how logits return to the samples' ranks
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU, where teachers run in fp32)
-    channels_last: bool = True  # channels_last inputs and weights on CUDA
-    compile: bool = False  # torch.compile each teacher
-    compile_backend: str = "inductor"  # torch.compile backend ("eager" checks the wiring without code generation)
-
-    def __post_init__(self) -> None:
-        if self.exchange not in shard.EXCHANGES:
-            raise ConfigError(f"config: 'exchange' is {self.exchange!r}; choose one of {', '.join(shard.EXCHANGES)}")
+def check_serving(config: ServingConfig) -> None:
+    """One-line error for a ``serving`` section this module cannot run."""
+    if config.exchange not in shard.EXCHANGES:
+        raise ConfigError(f"config: 'serving.exchange' is {config.exchange!r}; choose one of {', '.join(shard.EXCHANGES)}")
 
 
 @dataclass
@@ -88,13 +80,18 @@ class TeacherSet:
         device: torch.device | str,
         config: ServingConfig | None = None,
         group: dist.ProcessGroup | None = None,
+        precision: PrecisionPolicy | None = None,
     ) -> None:
         if not teachers:
             raise ConfigError("a TeacherSet needs at least one teacher")
         if [t.index for t in teachers] != list(range(len(teachers))):
             raise ValueError("teachers must be given in index order 0, 1, ... (index k reads view 'teacher{k}')")
         self.config = config or ServingConfig()
+        check_serving(self.config)
         self.device = torch.device(device)
+        # Without a policy (teachers used outside a run): bf16 on CUDA when serving.amp, fp32 elsewhere.
+        self.precision = precision or PrecisionPolicy(self.device, teacher_amp=self.config.amp,
+                                                      teacher_channels_last_on_cuda=self.config.channels_last)
         self.group = group
         self.teachers = list(teachers)
         self.num_classes = _common_classes(self.teachers)
@@ -117,13 +114,14 @@ class TeacherSet:
         device: torch.device | str,
         config: ServingConfig | None = None,
         group: dist.ProcessGroup | None = None,
+        precision: PrecisionPolicy | None = None,
     ) -> TeacherSet:
         """Serve in-memory models (every rank passes all of them; teacher_parallel keeps only its share)."""
         teachers = [
             Teacher(k, getattr(m, "hpckd_arch", type(m).__name__), _out_features(m), model=m)
             for k, m in enumerate(models)
         ]
-        return cls(teachers, device, config, group)
+        return cls(teachers, device, config, group, precision)
 
     @classmethod
     def from_checkpoints(
@@ -132,6 +130,7 @@ class TeacherSet:
         device: torch.device | str,
         config: ServingConfig | None = None,
         group: dist.ProcessGroup | None = None,
+        precision: PrecisionPolicy | None = None,
     ) -> TeacherSet:
         """Load teachers written by ``hpckd train``: the arch and class count come from each checkpoint.
 
@@ -141,11 +140,11 @@ class TeacherSet:
         _, rank, world = _placement(config or ServingConfig(), group)
         mine = set(shard.owned(rank, world, len(paths)))
         teachers = [_load_teacher(k, path, build=k in mine) for k, path in enumerate(paths)]
-        return cls(teachers, device, config, group)
+        return cls(teachers, device, config, group, precision)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         model = freeze(model).to(self.device)
-        if self._on_cuda and self.config.channels_last:
+        if self.precision.teacher_channels_last:
             model = model.to(memory_format=torch.channels_last)
         return torch.compile(model, backend=self.config.compile_backend) if self.config.compile else model
 
@@ -187,18 +186,28 @@ class TeacherSet:
         if original is not None and original.training:
             original.eval()  # someone called .train() on it: teachers always run in eval mode
         with torch.inference_mode():
-            if self._on_cuda and self.config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = runner(x)
+            with self.precision.teacher_autocast():
+                logits = runner(self.precision.teacher_input(x))
             logits = logits.float()
         # A clone made outside inference mode is an ordinary tensor, usable inside the student's autograd graph.
         return logits.clone()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._on_cuda and self.config.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------------ class activation maps
+    def has_cam_features(self, index: int) -> bool:
+        """Whether teacher ``index`` runs on this rank and has a CAM (a conv trunk with GAP + linear head)."""
+        model = self.teachers[index].model
+        return model is not None and has_cam(model)
+
+    def cam_features(self, batch: Batch, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features (N, K, h, w), head weight (C, K), head bias (C,) or None) of teacher ``index`` on the view it
+        reads, in fp32: what a class activation map is made of (attention study Eq. 1)."""
+        model = self.teachers[index].model
+        if model is None or not has_cam(model):
+            raise ValueError(f"teacher {index} has no class activation map on this rank")
+        x = self.precision.teacher_input(self._view(batch, self.teachers[index]))
+        with torch.inference_mode(), self.precision.teacher_autocast():
+            features, weight, bias = cam_features(model, x)
+        return (features.float().clone(), weight.float().clone(), None if bias is None else bias.float().clone())
 
     def _serve_parallel(self, batch: Batch) -> list[torch.Tensor]:
         sizes = shard.gather_sizes(batch.size, self.device, self.group)

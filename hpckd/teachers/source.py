@@ -1,8 +1,12 @@
-"""The interface between teachers and the training loop.
+"""The interface between teachers and the training loop / evaluation.
 
 Anything that turns a :class:`~hpckd.data.batch.Batch` into one fp32 (N, C) logit tensor per teacher, for this
 rank's samples, can stand in for the teachers: :class:`~hpckd.teachers.serving.TeacherSet` computes them inline;
 a logit store replays them by ``batch.index`` and the recorded augmentation parameters in ``batch.aug``.
+
+Class activation maps are a capability: a source that runs CNN teachers answers ``has_cam_features(k)`` with True
+and gives the ingredients of teacher k's CAM; a source without models (a logit store) answers False, and the
+evaluation then skips teacher CAM-IoU.
 """
 
 from __future__ import annotations
@@ -33,4 +37,12 @@ class TeacherSource(Protocol):
     @property
     def metas(self) -> list[dict[str, Any]]:
         """Per-teacher metadata (augmentation policy, dataset fingerprint, val accuracy, ...)."""
+        ...
+
+    def has_cam_features(self, index: int) -> bool:
+        """Whether :meth:`cam_features` works for teacher ``index`` on this rank."""
+        ...
+
+    def cam_features(self, batch: Batch, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Teacher ``index``'s last conv features (N, K, h, w), head weight (C, K) and bias, fp32, on its view."""
         ...

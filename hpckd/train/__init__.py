@@ -1,19 +1,23 @@
 """Training: one loop for teachers and students over the DDP and DeepSpeed backends.
 
-Modules (import them directly; this package stays import-light because :mod:`hpckd.config` consults
-:mod:`hpckd.train.options` while loading a config):
+Modules (import them directly; this package stays import-light):
 
-* :mod:`~hpckd.train.engine` -- ``run(cfg, mode)``: the loop, evaluation, checkpoints, results, logs.
-* :mod:`~hpckd.train.backends` -- ``dist.backend: ddp | deepspeed`` (ZeRO 0/1/2), accumulation, clipping.
-* :mod:`~hpckd.train.precision` -- ``train.precision: fp32 | bf16 | fp16`` (autocast; GradScaler for fp16).
+* :mod:`~hpckd.train.experiment` -- ``load_experiment``: the config plus every section's own validation.
+* :mod:`~hpckd.train.engine` -- ``run(cfg, mode, hooks)``: the epoch loop, checkpoints, results, logs.
+* :mod:`~hpckd.train.step` -- :class:`~hpckd.train.step.DistillStep`: batch ops, teachers, student, loss for one
+  micro-batch.
+* :mod:`~hpckd.train.backends` -- ``dist.backend: ddp | deepspeed`` (ZeRO 0/1/2): one meaning of
+  ``forward``/``backward``/``step`` for both.
+* :mod:`~hpckd.train.build` -- the teacher source and the student, built alike for training and ``hpckd eval``.
+* :mod:`~hpckd.train.evaluation` -- the one evaluation pass and ``hpckd eval``.
 * :mod:`~hpckd.train.optim` -- SGD (momentum, Nesterov) / AdamW, norm/bias weight-decay exclusion, warmup, cosine
   with a floor, multistep with gamma or explicit factors, the linear LR-scaling rule (``optim.lr_reference_batch``).
-* :mod:`~hpckd.train.checkpoint` -- atomic full-state checkpoints (file for DDP, folder for DeepSpeed), keep-last-N,
-  newest-valid resume with fallback, config compatibility.
 * :mod:`~hpckd.train.preempt` -- SIGUSR2/SIGTERM: checkpoint at the next step boundary, then requeue / exit.
 * :mod:`~hpckd.train.job` -- ``TrainJob``, a submitit ``Checkpointable`` run.
-* :mod:`~hpckd.train.rng`, :mod:`~hpckd.train.monitor`, :mod:`~hpckd.train.options` -- RNG states, logs/progress,
-  option checks.
+* :mod:`~hpckd.train.progress`, :mod:`~hpckd.train.rng`, :mod:`~hpckd.train.monitor`, :mod:`~hpckd.train.options`
+  -- bookkeeping, RNG states, logs/progress, option checks.
+
+Precision lives in :mod:`hpckd.precision` and checkpoints in :mod:`hpckd.checkpoint` (below teachers and train).
 
 What a user sets (all in the experiment YAML or as dotted overrides):
 

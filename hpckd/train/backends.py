@@ -1,9 +1,15 @@
 """Training backends: PyTorch DDP and DeepSpeed ZeRO, behind one small interface the loop drives.
 
-The loop calls, per micro-batch and inside ``no_sync(boundary)``: ``forward(x)`` -> logits, then
-``backward(loss, boundary)``; and after the last micro-batch of a step (the accumulation boundary) ``step()``
-(clip, optimizer, scheduler, zero grads). ``save``/``load`` write and read the
-full training state in the backend's own layout (see :mod:`hpckd.train.checkpoint`).
+One meaning of the three calls for both backends:
+
+* ``forward(x)`` -- the student's training forward (autocast of the :class:`~hpckd.precision.PrecisionPolicy`);
+* ``backward(loss, boundary)`` -- accumulate the gradients of one micro-batch (the loss is the micro-batch mean;
+  the backend divides by the accumulation steps). Weights never change here;
+* ``step()`` -- at the accumulation boundary only: clip, optimizer step, scheduler step, zero the gradients.
+
+The loop runs forward and backward inside ``no_sync(boundary)`` (no gradient all-reduce before the boundary).
+``save``/``load`` write and read the full training state in the backend's own layout (see
+:mod:`hpckd.checkpoint`).
 
 * **ddp** -- ``DistributedDataParallel`` (NCCL on GPU, gloo on CPU; no wrapper for one process), gradient
   accumulation with ``no_sync`` on the micro-batches before the boundary, autocast for bf16/fp16 with a
@@ -30,9 +36,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hpckd import dist
-from hpckd.train.checkpoint import DS_STATE_FILE, CheckpointStore, save_checkpoint
-from hpckd.train.optim import build_optimizer, build_scheduler
-from hpckd.train.precision import autocast, make_scaler
+from hpckd.checkpoint import DS_STATE_FILE, CheckpointStore, save_checkpoint
+from hpckd.errors import CheckpointError
+from hpckd.precision import PrecisionPolicy
+from hpckd.train.optim import build_optimizer, build_scheduler, reset_base_lr
 
 
 def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
@@ -58,6 +65,7 @@ class Backend:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's training forward (logits in the autocast dtype; the caller casts to fp32)."""
         raise NotImplementedError
 
     def no_sync(self, boundary: bool) -> ContextManager:
@@ -65,13 +73,20 @@ class Backend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Accumulate one micro-batch's gradients; never changes the weights."""
         raise NotImplementedError
 
     def step(self) -> None:
+        """At the accumulation boundary: clip, optimizer step, scheduler step, zero the gradients."""
         raise NotImplementedError
 
+    def reset_lr(self, lr: float) -> None:
+        """Continue the schedule from the current step with a new base rate (a resume with a changed optim.lr)."""
+        reset_base_lr(self.optimizer, self.scheduler, lr)
+
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        """The rate the next optimizer step uses (what the scheduler last set on the optimizer)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train(self) -> None:
         self.module.train()
@@ -86,10 +101,10 @@ class Backend:
 class DDPBackend(Backend):
     name = "ddp"
 
-    def __init__(self, model: nn.Module, cfg, info: dist.DistInfo, steps_per_epoch: int) -> None:
+    def __init__(self, model: nn.Module, cfg, info: dist.DistInfo, steps_per_epoch: int,
+                 policy: PrecisionPolicy) -> None:
         self.module = model
-        self.device = info.device
-        self.precision = cfg.train.precision
+        self.policy = policy
         self.accum = cfg.optim.accum_steps
         self.clip = cfg.optim.clip_grad_norm
         wrapped: nn.Module = model
@@ -100,10 +115,10 @@ class DDPBackend(Backend):
         self.call = torch.compile(wrapped) if cfg.train.compile else wrapped
         self.optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, steps_per_epoch)
-        self.scaler = make_scaler(self.precision, info.device)
+        self.scaler = policy.scaler()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.precision, self.device):
+        with self.policy.student_autocast():
             return self.call(x)
 
     def no_sync(self, boundary: bool) -> ContextManager:
@@ -193,7 +208,8 @@ class _ExpectedWarnings(logging.Filter):
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, cfg, info: dist.DistInfo, steps_per_epoch: int) -> None:
+    def __init__(self, model: nn.Module, cfg, info: dist.DistInfo, steps_per_epoch: int,
+                 policy: PrecisionPolicy) -> None:
         deepspeed = _import_deepspeed(info.device)
         dist.ensure_process_group(info.device)
         # DeepSpeed reads LOCAL_RANK to pick its device; with one GPU bound per task that device is cuda:0.
@@ -214,10 +230,13 @@ class DeepSpeedBackend(Backend):
         if self.engine.is_gradient_accumulation_boundary() != boundary:
             raise RuntimeError("DeepSpeed's micro-step counter disagrees with the loop's accumulation boundary")
         self.engine.backward(loss)  # divides by the accumulation steps itself
-        # DeepSpeed wants step() after every micro-batch; it reduces, clips, steps and zeroes at the boundary.
-        self.engine.step()
+        if not boundary:
+            # DeepSpeed counts micro-batches in engine.step() (its accumulation boundary comes from that count);
+            # before the boundary the call only advances the count and touches no weight.
+            self.engine.step()
 
     def step(self) -> None:
+        self.engine.step()  # at the boundary: reduce, clip, optimizer step, zero the gradients
         self.scheduler.step()
 
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any], is_main: bool) -> Path:
@@ -234,14 +253,13 @@ class DeepSpeedBackend(Backend):
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
-            from hpckd.errors import CheckpointError
-
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_backend(cfg, model: nn.Module, info: dist.DistInfo, steps_per_epoch: int) -> Backend:
+def build_backend(cfg, model: nn.Module, info: dist.DistInfo, steps_per_epoch: int,
+                  policy: PrecisionPolicy) -> Backend:
     """The backend of ``dist.backend`` around a prepared model (:func:`prepare_model`)."""
     if cfg.dist.backend == "deepspeed":
-        return DeepSpeedBackend(model, cfg, info, steps_per_epoch)
-    return DDPBackend(model, cfg, info, steps_per_epoch)
+        return DeepSpeedBackend(model, cfg, info, steps_per_epoch, policy)
+    return DDPBackend(model, cfg, info, steps_per_epoch, policy)

@@ -1,15 +1,22 @@
 """The one training loop: teachers (cross-entropy) and students (any KD loss), on the DDP or DeepSpeed backend.
 
-``run(cfg, mode)`` initialises the process group from whatever launched us (:func:`hpckd.dist.init`), builds
-loaders, model, teachers, loss and backend (:mod:`hpckd.train.backends`), resumes from the newest valid checkpoint
-of ``out_dir`` (``resume=auto``), trains for ``optim.epochs``, evaluates exactly (every validation sample once
-across ranks) after each epoch, and writes, atomically:
+``run(cfg, mode)`` initialises the process group from whatever launched us (:func:`hpckd.dist.init`), locks
+``out_dir`` (rank 0 holds :class:`~hpckd.runlock.RunLock` for the run's lifetime), builds loaders, the teacher
+source, the student, its precision policy, the backend (:mod:`hpckd.train.backends`) and the step object
+(:class:`~hpckd.train.step.DistillStep`), resumes from the newest valid checkpoint of ``out_dir``
+(``resume=auto``), trains for ``optim.epochs``, evaluates exactly after each epoch (:mod:`hpckd.train.evaluation`),
+and writes, atomically:
 
 * ``out_dir/checkpoints/step-XXXXXXXX(.pt)`` -- full training state after each epoch, every
   ``train.checkpoint_every`` steps, and on a preemption signal (last ``train.keep_last`` kept);
 * ``out_dir/last.pt`` -- the final weights with arch and meta (what ``teachers[].checkpoint`` points at);
 * ``out_dir/results.json`` -- config, metrics, history, timings, versions (the same from both backends);
 * ``out_dir/log.jsonl`` -- JSON lines: start, step (loss terms, lr, images/s, memory), epoch, end events.
+
+A checkpoint never holds a non-finite parameter or buffer: the state is checked on every rank before each save
+and before each evaluation; a run whose state is no longer finite has diverged, whatever its loss says
+(:class:`TrainingDiverged`), and its last good checkpoint is kept. ``resume_changes=[optim.lr]`` restarts from it
+with another learning rate.
 
 Exact resume: the state holds model, optimizer, scheduler, scaler, every rank's RNG and loader position and the
 partial sums of the epoch, and the loaders' randomness never draws from the training RNG stream, so an interrupted
@@ -23,85 +30,70 @@ each rank reads micro-batches of ``batch_size / (world_size * optim.accum_steps)
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import importlib.metadata
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from hpckd import dist
-from hpckd.config import to_container
-from hpckd.data.batch import STUDENT, Batch
-from hpckd.data.batchops import apply_batch_ops
+from hpckd.checkpoint import (
+    CheckpointStore,
+    check_compatible,
+    is_training_checkpoint,
+    load_checkpoint,
+    nonfinite_entries,
+    save_checkpoint,
+)
+from hpckd.config import BatchOpsConfig, LossConfig, to_container
 from hpckd.data.loaders import Loaders, build_loaders
 from hpckd.errors import CheckpointError, ConfigError, DataError, UserError
-from hpckd.io import atomic_write_json
-from hpckd.losses import NonFiniteError, build_loss
-from hpckd.metrics.runner import evaluate
-from hpckd.models import create
+from hpckd.io import atomic_write_json, check_output_dir
+from hpckd.losses import Loss, build_loss
+from hpckd.precision import PrecisionPolicy
+from hpckd.runlock import RunLock
+from hpckd.teachers.source import TeacherSource
 from hpckd.train import rng
 from hpckd.train.backends import Backend, build_backend, prepare_model
-from hpckd.train.checkpoint import CheckpointStore, check_compatible, is_training_checkpoint, load_checkpoint, save_checkpoint
+from hpckd.train.build import build_student, build_teachers
+from hpckd.train.evaluation import EvalForward, evaluate
+from hpckd.train.experiment import section
 from hpckd.train.monitor import JsonLogger, Scalars, Throughput, memory_stats, progress
 from hpckd.train.options import check_batch_split, check_runtime
-from hpckd.train.precision import autocast
+from hpckd.train.optim import scaled_lr
 from hpckd.train.preempt import PreemptionGuard, hand_over
+from hpckd.train.progress import Progress
+from hpckd.train.step import DataStats, DistillStep, StepOutput
 
 FORMAT = 1  # version of the training-state layout in checkpoints
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN/Inf; nothing is saved over the last good checkpoint."""
+    """The loss or the model state became NaN/Inf; nothing was saved after the last good checkpoint."""
 
 
-@dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint so a resume continues the same bookkeeping."""
+@dataclass(frozen=True)
+class StepContext:
+    """What a hook sees before each micro-step: the epoch, the optimizer steps taken so far, and the number of
+    this micro-step in the current session (1-based)."""
 
-    epoch: int = 0  # current epoch (== optim.epochs when finished)
-    step: int = 0  # optimizer steps taken in total
-    epoch_step: int = 0  # optimizer steps taken in the current epoch
-    micro: int = 0  # micro-batches trained on in the current epoch (for the epoch means)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # per loss term, over this epoch's micro-batches
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
-    train_s: float = 0.0
-    wall_s: float = 0.0  # wall time of the run up to the last checkpoint, over all sessions
-    images: int = 0  # training images seen (global)
-    resumes: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int
+    step: int
+    micro: int
 
-    def state_dict(self) -> dict[str, Any]:
-        state = asdict(self)
-        state["sums"] = {k: v.detach().cpu() for k, v in self.sums.items()}
-        return state
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> "Progress":
-        loaded = cls(**{k: copy.deepcopy(v) for k, v in state.items()})
-        loaded.sums = {k: v.to(device) for k, v in loaded.sums.items()}
-        return loaded
-
-    def add_terms(self, terms: dict[str, torch.Tensor]) -> None:
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.micro += 1
-
-    def close_epoch(self) -> dict[str, float]:
-        """Epoch means of the loss terms (one host sync per epoch), and reset for the next epoch."""
-        means = {f"train_{k}": float(v) / max(self.micro, 1) for k, v in self.sums.items()}
-        self.sums, self.micro, self.epoch_step = {}, 0, 0
-        return means
+Hook = Callable[[StepContext], None]
 
 
 @dataclass
@@ -113,16 +105,19 @@ class Run:
     info: dist.DistInfo
     out_dir: Path
     loaders: Loaders
-    teachers: Any
+    teachers: TeacherSource | None
     backend: Backend
-    loss_fn: Any
+    step: DistillStep
+    policy: PrecisionPolicy
     steps_per_epoch: int
     store: CheckpointStore
     logger: JsonLogger
     scalars: Scalars
     fingerprint: str
+    hooks: Sequence[Hook] = ()
     started: float = 0.0  # this session's start (time.time())
     prior_wall_s: float = 0.0  # wall time of earlier sessions, up to the checkpoint resumed from
+    session_micro: int = 0  # micro-steps run in this session (for hooks)
 
     def wall_s(self) -> float:
         return self.prior_wall_s + time.time() - self.started
@@ -132,15 +127,43 @@ class Run:
         return int(self.cfg.optim.accum_steps)
 
 
-def run(cfg, mode: str = "distill") -> dict[str, Any]:
-    """Train one model. ``mode="train"``: a teacher with CE; ``mode="distill"``: a student from ``cfg.teachers``."""
+def run(cfg, mode: str = "distill", hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Train one model. ``mode="train"``: a teacher with CE; ``mode="distill"``: a student from ``cfg.teachers``.
+
+    ``hooks`` are called before every micro-step with a :class:`StepContext` (progress displays, fault injection
+    in tests)."""
     if mode == "distill" and not cfg.teachers:
         raise ConfigError("distill needs at least one entry in 'teachers' (a checkpoint written by `hpckd train`)")
     info = dist.init(cfg.dist.device)
     check_runtime(cfg, info.device)
+    with _locked_out_dir(Path(cfg.out_dir), info):
+        return _run(cfg, mode, info, hooks)
+
+
+@contextlib.contextmanager
+def _locked_out_dir(out_dir: Path, info: dist.DistInfo) -> Iterator[None]:
+    """Rank 0 checks ``out_dir`` and holds its lock for the run; every rank fails together (one line) when it
+    cannot, instead of the other ranks waiting in a collective for a rank that left."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if info.is_main:
+            try:
+                check_output_dir(out_dir)
+                stack.enter_context(RunLock(out_dir))
+            except UserError as exc:
+                problem = exc
+        message = dist.broadcast_object(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise UserError(message)
+        yield
+
+
+def _run(cfg, mode: str, info: dist.DistInfo, hooks: Sequence[Hook]) -> dict[str, Any]:
     started = time.time()
     rng.seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    r = _build(cfg, mode, info)
+    r = _build(cfg, mode, info, hooks)
     r.started = started
     state = _resume(r)
     prog = Progress.from_state(state["progress"], info.device) if state else Progress()
@@ -167,10 +190,11 @@ def run(cfg, mode: str = "distill") -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _build(cfg, mode: str, info: dist.DistInfo) -> Run:
+def _build(cfg, mode: str, info: dist.DistInfo, hooks: Sequence[Hook]) -> Run:
     out_dir = Path(cfg.out_dir)
+    policy = PrecisionPolicy.from_config(cfg, info.device)
     teacher_cfgs = list(cfg.teachers) if mode == "distill" else []
-    teachers = _load_teachers([t.checkpoint for t in teacher_cfgs], info.device, cfg.serving) if teacher_cfgs else None
+    teachers = build_teachers(cfg, info.device, policy) if teacher_cfgs else None
     check_batch_split(cfg.data.batch_size, cfg.optim.accum_steps, info.world_size)
     loaders = build_loaders(_micro_batch_cfg(cfg), info, [t.aug for t in teacher_cfgs])
     if teachers is not None:
@@ -179,17 +203,27 @@ def _build(cfg, mode: str, info: dist.DistInfo) -> Run:
     if steps == 0:
         raise DataError(f"an epoch has {len(loaders.train)} micro-batches per rank, fewer than optim.accum_steps="
                         f"{cfg.optim.accum_steps}; lower optim.accum_steps or data.batch_size")
-    model = create(cfg.model.arch, loaders.num_classes, **cfg.model.kwargs)
-    if cfg.model.weights:
-        from hpckd.models import load_weights
-
-        load_weights(model, cfg.model.weights, drop_head=cfg.model.drop_head)
-    backend = build_backend(cfg, prepare_model(model, cfg, info.device), info, steps)
+    model = build_student(cfg, loaders.num_classes)
+    backend = build_backend(cfg, prepare_model(model, cfg, info.device), info, steps, policy)
+    data = DataStats(cfg.data.family, list(cfg.data.mean), list(cfg.data.std))
+    step = DistillStep(backend.forward, teachers, _loss(cfg, mode), section(cfg.batch_ops, BatchOpsConfig), data,
+                       policy, cfg.seed, info.rank)
     warn = _warner(info, out_dir)
     logger = JsonLogger(out_dir / "log.jsonl" if info.is_main else None)
     scalars = Scalars(out_dir / "tensorboard" if info.is_main and cfg.train.tensorboard else None)
-    return Run(cfg, mode, info, out_dir, loaders, teachers, backend, build_loss(_loss_cfg(cfg, mode)), steps,
-               CheckpointStore(out_dir / "checkpoints", warn), logger, scalars, loaders.train_index.fingerprint())
+    store = CheckpointStore(out_dir / "checkpoints", warn)
+    if info.is_main:
+        store.remove_stale_temp_files()
+    return Run(cfg, mode, info, out_dir, loaders, teachers, backend, step, policy, steps, store, logger, scalars,
+               loaders.train_index.fingerprint(), hooks)
+
+
+def _loss(cfg, mode: str) -> Loss:
+    if mode == "train":
+        # A teacher's CE keeps the user's label smoothing and mixed-label choice (Mixup/CutMix batch ops).
+        return build_loss(LossConfig(name="ce", label_smoothing=cfg.loss.label_smoothing,
+                                     mixed_labels=cfg.loss.mixed_labels))
+    return build_loss(cfg.loss)
 
 
 def _micro_batch_cfg(cfg):
@@ -199,21 +233,6 @@ def _micro_batch_cfg(cfg):
     micro = OmegaConf.create(to_container(cfg))
     micro.data.batch_size = cfg.data.batch_size // cfg.optim.accum_steps
     return micro
-
-
-def _load_teachers(checkpoints: list[str], device, serving):
-    from hpckd.teachers import ServingConfig, TeacherSet
-
-    return TeacherSet.from_checkpoints(checkpoints, device, ServingConfig(**to_container(serving)))
-
-
-def _loss_cfg(cfg, mode: str):
-    if mode == "train":
-        from hpckd.losses import LossConfig
-
-        # A teacher's CE keeps the user's label smoothing and mixed-label choice (Mixup/CutMix batch ops).
-        return LossConfig(name="ce", label_smoothing=cfg.loss.label_smoothing, mixed_labels=cfg.loss.mixed_labels)
-    return cfg.loss
 
 
 def _warner(info: dist.DistInfo, out_dir: Path):
@@ -233,7 +252,7 @@ def _resume(r: Run) -> dict[str, Any] | None:
     cfg, info = r.cfg, r.info
     if cfg.resume == "never":
         if info.is_main:
-            r.store.clear()  # a fresh start: an old trajectory must not be resumed later
+            _discard_previous_run(r)
         dist.barrier()
         return None
     path: Path | None = None
@@ -253,10 +272,32 @@ def _resume(r: Run) -> dict[str, Any] | None:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} has training-state format {state.get('format')}, this hpckd reads {FORMAT}; "
                               f"resume it with the hpckd version that wrote it, or start over with resume=never")
-    check_compatible(path, state, to_container(cfg), info.world_size, r.backend.name, r.fingerprint)
+    allowed = set(cfg.resume_changes)
+    check_compatible(path, state, to_container(cfg), info.world_size, r.backend.name, r.fingerprint, allowed)
     r.backend.load(path, state)
+    if any(key.startswith("optim.") for key in allowed):
+        # The restored optimizer holds the rate the old settings gave the next step; recompute it (and the base
+        # rate) from the changed ones, so the very first resumed step already uses them.
+        r.backend.reset_lr(scaled_lr(cfg.optim, cfg.data.batch_size)[0])
     state["path"] = str(path)
     return state
+
+
+def _discard_previous_run(r: Run) -> None:
+    """``resume=never``: say what goes, then move the previous run's outputs aside together and delete them, so a
+    kill half-way never leaves an old ``last.pt`` or ``results.json`` beside the new run's checkpoints."""
+    old = [p for p in (r.out_dir / "results.json", r.out_dir / "last.pt", r.out_dir / "log.jsonl",
+                       r.out_dir / "tensorboard") if p.exists()]
+    checkpoints = r.store.entries()
+    if not old and not checkpoints:
+        return
+    listed = ", ".join([p.name for p in old] + ([f"{len(checkpoints)} checkpoint(s)"] if checkpoints else []))
+    r.store.warn(f"resume=never: removing the previous run's {listed} from {r.out_dir}")
+    trash = r.out_dir / f".discarded-{os.getpid()}-{int(time.time())}"
+    trash.mkdir()
+    for path in old + ([r.store.folder] if checkpoints else []):
+        os.replace(path, trash / path.name)  # same file system: each move is one rename
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _restore_loader(r: Run, state: dict[str, Any]) -> None:
@@ -270,6 +311,8 @@ def _restore_loader(r: Run, state: dict[str, Any]) -> None:
 
 
 def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
+    """One epoch (or the rest of one): step, check, backward, optimizer step at the accumulation boundary, log,
+    checkpoint."""
     cfg, info, backend = r.cfg, r.info, r.backend
     if prog.epoch_step == 0:
         r.loaders.train.set_epoch(prog.epoch)
@@ -277,14 +320,21 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
     global_batch = cfg.data.batch_size
     meter, t0 = Throughput(), time.perf_counter()
     micro_in_epoch = prog.epoch_step * r.accum  # micro-batches of this epoch already behind us
-    batches = progress(_rng_isolated(r.loaders.train), f"epoch {prog.epoch}", len(r.loaders.train) - micro_in_epoch, info.is_main)
+    batches = progress(_rng_isolated(r.loaders.train), f"epoch {prog.epoch}", len(r.loaders.train) - micro_in_epoch,
+                       info.is_main)
     try:
         for batch in batches:
             if prog.epoch_step == r.steps_per_epoch:
                 continue  # the remainder of micro-batches that does not fill a step (read, not trained on)
             boundary = (micro_in_epoch + 1) % r.accum == 0
-            terms, stop = _micro_step(r, prog, batch, boundary, guard)
-            prog.add_terms(terms)
+            r.session_micro += 1
+            for hook in r.hooks:
+                hook(StepContext(prog.epoch, prog.step, r.session_micro))
+            with backend.no_sync(boundary):
+                out = r.step(batch, prog.epoch, prog.epoch_step)
+                stop = _check_step(r, prog, out, guard)
+                backend.backward(out.loss, boundary)
+            prog.add_terms(out.terms)
             micro_in_epoch += 1
             if not boundary:
                 continue
@@ -295,78 +345,53 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
             prog.images += global_batch
             meter.add(global_batch)
             if info.is_main and cfg.log_every and prog.step % cfg.log_every == 0:
-                _log_step(r, prog, terms, lr, meter.rate())
+                _log_step(r, prog, out.terms, lr, meter.rate())
                 if hasattr(batches, "set_postfix"):  # the terminal's progress bar
-                    batches.set_postfix(loss=f"{float(terms['loss']):.4f}", lr=f"{lr:.3g}", refresh=False)
+                    batches.set_postfix(loss=f"{float(out.loss):.4f}", lr=f"{lr:.3g}", refresh=False)
             if stop is not None:
                 _save(r, prog)
                 r.logger.log({"event": "preempted", "signal": signal.Signals(stop).name, "epoch": prog.epoch,
                               "step": prog.step})
                 raise hand_over(guard, stop, info.rank, cfg.train.requeue,
                                 f"epoch {prog.epoch}, step {prog.step} ({r.store.folder})")
-            if cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0 and prog.epoch_step < r.steps_per_epoch:
+            if cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0 \
+                    and prog.epoch_step < r.steps_per_epoch:
                 _save(r, prog)
     finally:
         prog.train_s += time.perf_counter() - t0
 
 
-def _micro_step(r: Run, prog: Progress, batch: Batch, boundary: bool, guard: PreemptionGuard):
-    """Forward, loss, the all-rank check (non-finite loss? stop signal?), backward. Returns (terms, signal)."""
-    backend, precision, device = r.backend, r.cfg.train.precision, r.info.device
-    problem = ""
-    batch = _apply_batch_ops(r, prog, batch)
-    with backend.no_sync(boundary):
-        with autocast(precision, device):
-            teacher_logits = [t.float() for t in r.teachers(batch)] if r.teachers is not None else []
-        x = batch.views[STUDENT]
-        if r.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = backend.forward(x).float()
-        try:
-            terms = r.loss_fn(logits, teacher_logits, batch)
-            if not bool(torch.isfinite(terms["loss"].detach()).all()):
-                problem = f"loss is {terms['loss'].item()}"
-        except NonFiniteError as exc:
-            terms, problem = {}, str(exc)
-        # One tiny CPU all-reduce: every rank stops together, on a bad loss anywhere or a signal to any rank
-        # (the highest signal number wins, so all ranks hand over the same one). The finiteness check above reads
-        # the loss on the host, so on a GPU each micro-step waits for its forward pass once (before backward is
-        # queued); that keeps a NaN out of the weights and the checkpoints, at the cost of one sync per micro-step.
-        bad, stop = dist.max_across_ranks([bool(problem), guard.requested or 0])
-        if bad:
-            where = f"epoch {prog.epoch}, step {prog.step + 1}"
-            detail = problem or "a non-finite loss on another rank"
-            raise TrainingDiverged(f"training diverged at {where}: {detail}; nothing was saved after the last good "
-                                   f"checkpoint (lower optim.lr, or use optim.clip_grad_norm)")
-        backend.backward(terms["loss"], boundary)
-    return terms, (stop or None)
+def _check_step(r: Run, prog: Progress, out: StepOutput, guard: PreemptionGuard) -> int | None:
+    """The all-rank check after the forward: a non-finite loss anywhere stops every rank (before backward, so no
+    NaN reaches the weights); a signal to any rank makes every rank hand over the same one (the highest number).
+
+    One tiny CPU all-reduce per micro-step; the finiteness check reads the loss on the host, so on a GPU each
+    micro-step waits for its forward pass once (before backward is queued)."""
+    bad, stop = dist.max_across_ranks([bool(out.problem), guard.requested or 0])
+    if bad:
+        detail = out.problem or "a non-finite loss on another rank"
+        raise TrainingDiverged(f"training diverged at epoch {prog.epoch}, step {prog.step + 1}: {detail}; "
+                               f"{_last_good(r)}")
+    return stop or None
 
 
-def _apply_batch_ops(r: Run, prog: Progress, batch: Batch) -> Batch:
-    """Mixup / CutMix / CutMixPick / the augmentation study's doubled batch / the half-image split, on the device.
-
-    The generator is seeded from (seed, epoch, step in epoch, rank), so a resumed run draws exactly what an
-    uninterrupted one would, without carrying RNG state."""
-    ops = r.cfg.batch_ops
-    if ops.scheme == "none" and ops.half_split == "none":
-        return batch
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([r.cfg.seed, prog.epoch, prog.epoch_step, r.info.rank]).generate_state(1)[0]))
-    data = r.cfg.data
-    return apply_batch_ops(batch, ops, generator, family=data.family, mean=data.mean, std=data.std,
-                           scorer=lambda pool: _pick_scores(r, pool), loss_cfg=r.cfg.loss)
+def _check_state(r: Run, prog: Progress) -> None:
+    """Every rank checks the model's parameters and buffers (BatchNorm statistics can overflow while the loss is
+    still finite); a non-finite entry anywhere means the run diverged, and nothing is saved."""
+    bad = nonfinite_entries(r.backend.module.state_dict())
+    if dist.max_across_ranks([int(bool(bad)), 0])[0]:
+        what = f"the model's {bad[0]} holds NaN/Inf" if bad else "the model state of another rank holds NaN/Inf"
+        raise TrainingDiverged(f"training diverged at epoch {prog.epoch}, step {prog.step}: {what} although the loss "
+                               f"was finite; {_last_good(r)}")
 
 
-@torch.no_grad()
-def _pick_scores(r: Run, pool: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(teacher ensemble logits, student logits) on a CutMixPick pool; the student only when the criterion needs it."""
-    from hpckd.losses.cutmixpick import needs_student
-    from hpckd.teachers.ensemble import ensemble_distribution
-
-    with autocast(r.cfg.train.precision, r.info.device):  # scored as trained (and bf16 images need autocast)
-        teacher = ensemble_distribution(r.teachers(pool)) if r.teachers is not None else None
-        student = r.backend.forward(pool.views[STUDENT]).float() if needs_student(r.cfg.loss) else None
-    return teacher, student
+def _last_good(r: Run) -> str:
+    """Where the run can restart from, for the divergence message (true: nothing is written after a divergence)."""
+    entries = r.store.entries()
+    if not entries:
+        return "no checkpoint was written; rerun with a lower optim.lr (or optim.clip_grad_norm)"
+    return (f"nothing was saved after the last good checkpoint {entries[-1].path}, which is kept; restart from it "
+            f"with a lower rate: optim.lr=<lower> resume_changes=[optim.lr] (or use optim.clip_grad_norm)")
 
 
 def _rng_isolated(iterable: Iterable) -> Iterator:
@@ -386,9 +411,10 @@ def _rng_isolated(iterable: Iterable) -> Iterator:
 
 
 def _end_epoch(r: Run, prog: Progress) -> None:
-    """Evaluate, record the epoch, checkpoint."""
+    """Check the state, evaluate, record the epoch, checkpoint."""
     _sync_buffers(r.backend.module)
-    with _EvalForward(r.backend.module, r.cfg.train, r.info.device) as model:
+    _check_state(r, prog)
+    with EvalForward(r.backend.module, r.policy) as model:
         metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics)
     record = {"epoch": prog.epoch, **prog.close_epoch(), **{f"val_{k}": v for k, v in metrics.items()}}
     prog.history.append(record)
@@ -397,28 +423,6 @@ def _end_epoch(r: Run, prog: Progress) -> None:
     r.logger.log({"event": "epoch", **record, "train_s": round(prog.train_s, 3), **memory_stats(r.info.device)})
     r.scalars.add("epoch", record, prog.epoch)
     _save(r, prog)
-
-
-class _EvalForward(nn.Module):
-    """The bare model for evaluation, fed like in training (autocast of the training precision, channels-last
-    inputs when asked), logits in fp32."""
-
-    def __init__(self, module: nn.Module, train_cfg, device: torch.device) -> None:
-        super().__init__()
-        self.module, self.precision, self.device = module, train_cfg.precision, device
-        self.channels_last = bool(train_cfg.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision, self.device):
-            return self.module(x).float()
-
-    def __enter__(self) -> "_EvalForward":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.train()
 
 
 def _sync_buffers(module: nn.Module) -> None:
@@ -434,8 +438,10 @@ def _sync_buffers(module: nn.Module) -> None:
 
 
 def _save(r: Run, prog: Progress) -> Path:
-    """A full checkpoint (collective: every rank's RNG and loader state are gathered), then keep-last-N."""
+    """A full checkpoint (collective: every rank's RNG and loader state are gathered), then keep-last-N. A state
+    that is not finite is never written (:func:`_check_state`)."""
     _sync_buffers(r.backend.module)
+    _check_state(r, prog)
     prog.wall_s = r.wall_s()
     state = {
         **_model_meta(r, prog),
@@ -460,9 +466,6 @@ def _model_meta(r: Run, prog: Progress) -> dict[str, Any]:
         "meta": {"aug": cfg.aug, "mode": r.mode, "fingerprint": r.fingerprint, "classes": r.loaders.train_index.classes,
                  "val_acc": prog.metrics.get("accuracy"), "epoch": prog.epoch, "step": prog.step, "trial": cfg.name},
     }
-
-
-# ----------------------------------------------------------------------------------------------- reporting
 
 
 def _log_start(r: Run, prog: Progress) -> None:

@@ -27,10 +27,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         from hpckd import dist
-        from hpckd.config import load_config
+        from hpckd.train.experiment import load_experiment
         from hpckd.train.engine import run
 
-        results = run(load_config(self.config, self.overrides), mode=self.mode)
+        results = run(load_experiment(self.config, self.overrides), mode=self.mode)
         dist.shutdown()
         return {"name": results["name"], "metrics": results["metrics"], "steps": results["steps"],
                 "resumes": results["resumes"]}

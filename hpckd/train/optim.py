@@ -100,3 +100,12 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
         return lr_factor(cfg, step, steps_per_epoch)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def reset_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Give a restored optimizer and schedule a new base rate, keeping the step count: from the next step on,
+    ``lr_t = lr * factor(t)`` as if the run had used ``lr`` from the start (``resume_changes=[optim.lr]``)."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lam(scheduler.last_epoch)

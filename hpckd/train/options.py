@@ -12,14 +12,31 @@ import signal
 
 import torch
 
+from hpckd.config.checks import at_least, choose, positive, within
 from hpckd.errors import ConfigError
+from hpckd.precision import PRECISIONS
 
 ZERO_STAGES = (0, 1, 2)
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+BACKENDS = ("ddp", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME_WORDS = ("auto", "never")
+# Reduced-precision images must match the autocast dtype: the first layer's weights are fp32 outside autocast.
+_PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def check_options(cfg) -> None:
     """Raise :class:`ConfigError` for inconsistent training options (config-only checks)."""
     optim, dist, train = cfg.optim, cfg.dist, cfg.train
+    choose("optim.name", optim.name, OPTIMIZERS)
+    choose("optim.schedule", optim.schedule, SCHEDULES)
+    choose("dist.backend", dist.backend, BACKENDS)
+    choose("dist.device", dist.device, DEVICES)
+    choose("train.precision", train.precision, PRECISIONS)
+    check_numbers(cfg)
+    check_image_dtype(cfg)
+    check_resume(cfg.resume)
     if optim.accum_steps < 1:
         raise ConfigError(f"config: 'optim.accum_steps' is {optim.accum_steps}; use 1 (no accumulation) or more")
     if cfg.data.batch_size % optim.accum_steps:
@@ -47,6 +64,45 @@ def check_options(cfg) -> None:
     for name in train.preempt_signals:
         if not isinstance(getattr(signal, f"SIG{str(name).upper().removeprefix('SIG')}", None), signal.Signals):
             raise ConfigError(f"config: 'train.preempt_signals' names an unknown signal {name!r} (e.g. USR2, TERM)")
+
+
+def check_numbers(cfg) -> None:
+    """Every count, size and rate of the training sections, as one line naming the key."""
+    optim, dist = cfg.optim, cfg.dist
+    at_least("seed", cfg.seed, 0, "seeds are non-negative integers")
+    at_least("log_every", cfg.log_every, 0, "0 = no step records")
+    at_least("optim.epochs", optim.epochs, 1, "a run trains at least one epoch")
+    at_least("optim.lr", optim.lr, 0.0, "the learning rate of the global batch; 0 keeps the weights")
+    within("optim.momentum", optim.momentum, 0.0, 1.0)
+    at_least("optim.weight_decay", optim.weight_decay, 0.0)
+    positive("optim.gamma", optim.gamma, "multistep's LR factor")
+    at_least("dist.nproc_per_node", dist.nproc_per_node, 1)
+    for milestone in optim.milestones:
+        at_least("optim.milestones", milestone, 0, "epochs")
+    for factor in optim.step_factors:
+        positive("optim.step_factors", factor)
+    if optim.warmup_epochs >= optim.epochs > 0 and optim.warmup_epochs > 0:
+        raise ConfigError(f"config: 'optim.warmup_epochs' ({optim.warmup_epochs}) must be below 'optim.epochs' "
+                          f"({optim.epochs})")
+
+
+def check_image_dtype(cfg) -> None:
+    dtype, precision = cfg.data.dtype, cfg.train.precision
+    needed = _PRECISION_OF_DTYPE.get(dtype)
+    if needed is not None and precision != needed:
+        raise ConfigError(f"config: data.dtype={dtype} needs train.precision={needed} (got {precision}); "
+                          f"use data.dtype=float32 for {precision} training")
+
+
+def check_resume(resume: str) -> None:
+    """``auto``, ``never`` or a path; a near-miss of a keyword (``Auto``, ``none``) gets a hint instead of
+    'checkpoint not found: Auto'."""
+    lowered = str(resume).strip().lower()
+    if resume in RESUME_WORDS:
+        return
+    if lowered in RESUME_WORDS or lowered in ("no", "none", "false", "off", "yes", "true", "latest"):
+        raise ConfigError(f"config: 'resume' is {resume!r}; use auto (latest checkpoint of out_dir), never (start over) "
+                          f"or the path of a checkpoint")
 
 
 def check_batch_split(batch_size: int, accum_steps: int, world_size: int) -> None:

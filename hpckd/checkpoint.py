@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from omegaconf import OmegaConf
 
+from hpckd.config import Experiment, to_container
+from hpckd.config.migrate import migrate_config
 from hpckd.errors import CheckpointError
-from hpckd.io import atomic_save
+from hpckd.io import atomic_save, remove_stale_temp_files
 
 REQUIRED_KEYS = ("model", "arch", "num_classes")
 TRAIN_KEYS = ("progress", "rng", "world_size", "backend")
@@ -38,18 +41,29 @@ _ENTRY = re.compile(r"^step-(\d{8})(\.pt)?$")
 
 # Config keys that do not change the training trajectory: a resume may differ in these.
 RESUME_IGNORED_KEYS = frozenset({
-    "name", "out_dir", "resume", "log_every", "data.root", "data.num_workers", "data.eval_batch_size",
+    "name", "out_dir", "resume", "resume_changes", "log_every", "data.root", "data.num_workers", "data.eval_batch_size",
     "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.preempt_signals", "train.requeue",
     "dist.nproc_per_node",
 })
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename). A model with a
+    non-finite parameter or buffer is refused: a checkpoint must never carry a diverged state (the training loop
+    checks first and says so; this is the last line of defence)."""
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
+    bad = nonfinite_entries(state["model"]) if isinstance(state["model"], dict) else []
+    if bad:
+        raise ValueError(f"refusing to save {path}: {bad[0]} holds NaN/Inf")
     atomic_save(path, lambda handle: torch.save(state, handle))
+
+
+def nonfinite_entries(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    return [name for name, value in state_dict.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -75,6 +89,9 @@ def _torch_load(path: Path, map_location) -> Any:
 
 def _load_ds_folder(folder: Path, map_location) -> dict[str, Any]:
     marker = folder / DS_STATE_FILE
+    if not marker.is_file() and ((folder / "last.pt").is_file() or (folder / "checkpoints").is_dir()):
+        raise CheckpointError(f"{folder} is a run folder, not a checkpoint: pass {folder / 'last.pt'} (the final "
+                              f"weights) or one of {folder / 'checkpoints'}/step-*")
     if not marker.is_file():
         raise CheckpointError(f"checkpoint folder {folder} is incomplete (no {DS_STATE_FILE}: the save was interrupted)")
     state = _torch_load(marker, map_location)
@@ -109,6 +126,11 @@ class CheckpointStore:
     def __init__(self, folder: str | os.PathLike, warn: Callable[[str], None] | None = None) -> None:
         self.folder = Path(folder)
         self.warn = warn or (lambda message: None)
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temp files of saves a kill interrupted (``.step-N.pt.*.tmp``); rank 0, at the start of a run that
+        holds the out_dir lock, so no live save owns them."""
+        return remove_stale_temp_files(self.folder) if self.folder.is_dir() else []
 
     def path_for(self, step: int, as_folder: bool) -> Path:
         return self.folder / (f"step-{step:08d}" if as_folder else f"step-{step:08d}.pt")
@@ -190,17 +212,19 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], ignored: 
 
 def _schema_defaults() -> dict[str, Any]:
     """Every config key's default value, flattened (``data.dtype`` -> ``"float32"``)."""
-    from hpckd.config import Experiment, to_container  # lazy: the config imports hpckd.train
-    from omegaconf import OmegaConf
 
     return flatten(to_container(OmegaConf.structured(Experiment)))
 
 
 def check_compatible(path: Path, state: dict[str, Any], config: dict[str, Any], world_size: int, backend: str,
-                     fingerprint: str) -> None:
-    """Raise :class:`CheckpointError` if ``state`` cannot continue this run exactly (one line, with the fix)."""
-    fix = "use another out_dir, or resume=never to start over"
-    diffs = config_differences(state.get("config") or {}, config)
+                     fingerprint: str, allowed: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` if ``state`` cannot continue this run exactly (one line, with the fix).
+
+    ``allowed`` (``resume_changes``) names config keys the user deliberately changed; a checkpoint's stored config
+    in an old layout is migrated first (:func:`hpckd.config.migrate.migrate_config`)."""
+    fix = "use another out_dir, resume=never to start over, or resume_changes=[KEY] for a deliberate change"
+    saved = migrate_config(state.get("config") or {})
+    diffs = config_differences(saved, config, RESUME_IGNORED_KEYS | set(allowed))
     if diffs:
         shown = "; ".join(diffs[:3]) + (f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
         raise CheckpointError(f"checkpoint {path} was written by another config ({shown}); {fix}")

@@ -1,0 +1,39 @@
+"""What a run is made of, built the same way for training and for ``hpckd eval``: the teacher source, the student
+model and its precision policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpckd.errors import CheckpointError
+from hpckd.config import ServingConfig
+from hpckd.models import create, load_weights
+from hpckd.precision import PrecisionPolicy
+from hpckd.teachers.serving import TeacherSet
+from hpckd.teachers.source import TeacherSource
+
+
+def build_teachers(cfg: Any, device: torch.device, policy: PrecisionPolicy) -> TeacherSource:
+    """The teachers of ``cfg.teachers`` served inline (``serving``) at the policy's teacher precision.
+
+    A checkpoint that never took a training step (e.g. an ``optim.epochs=0`` run of an old hpckd) is refused: its
+    weights are an untrained initialisation, not a teacher."""
+    paths = [t.checkpoint for t in cfg.teachers]
+    serving = ServingConfig(**{k: cfg.serving[k] for k in cfg.serving})
+    teachers = TeacherSet.from_checkpoints(paths, device, serving, precision=policy)
+    for teacher in teachers.teachers:
+        if teacher.meta.get("step") == 0:
+            raise CheckpointError(f"teacher {teacher.index} ({teacher.source}) was saved before any training step; "
+                                  f"train it first (optim.epochs >= 1)")
+    return teachers
+
+
+def build_student(cfg: Any, num_classes: int) -> nn.Module:
+    """The model being trained (``model.arch`` with ``model.kwargs``), from ``model.weights`` when given."""
+    model = create(cfg.model.arch, num_classes, **cfg.model.kwargs)
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights, drop_head=cfg.model.drop_head)
+    return model

@@ -1,0 +1,116 @@
+"""Signals reach the work they are meant to stop, and nothing outlives the command that started it.
+
+* SIGTERM to `hpckd train ... dist.nproc_per_node=2` (the wrapper that re-runs the command under torchrun) is
+  forwarded to the ranks: they checkpoint at the next step and stop; the wrapper exits 128 + 15 with the one-line
+  preemption message, and no rank is left to write results later.
+* SIGINT (a Ctrl-C at the terminal: the whole foreground process group) or SIGTERM to the `hpckd demo` driver
+  cancels its running stage jobs -- they checkpoint and stop -- and prints one line, no submitit tracebacks.
+
+Every process is real; the tests wait on what the processes write (log records), never on a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpckd.sweep import demo
+from tests.conftest import REPO, log_events, processes_mentioning, tiny_run_args, wait_for
+
+
+def launch(args: list[str], **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "hpckd", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigterm_to_the_torchrun_wrapper_checkpoints_the_ranks_and_leaves_no_process(tmp_path, tiny_root):
+    out = tmp_path / "run"
+    wrapper = launch(["train", *tiny_run_args(tiny_root, out, "dist.nproc_per_node=2", "optim.epochs=500",
+                                              "log_every=1", "data.eval_batch_size=2")])
+    try:
+        wait_for(lambda: log_events(out / "log.jsonl", "step"), 300, "the first logged training step", wrapper)
+        running = processes_mentioning(f"out_dir={out}")  # the wrapper, torchrun, both ranks, their loader workers
+        assert wrapper.pid in running and len(running) >= 4, running
+        wrapper.send_signal(signal.SIGTERM)  # what SLURM sends a preempted or cancelled job
+        stdout, stderr = wrapper.communicate(timeout=300)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert wrapper.returncode == 128 + signal.SIGTERM, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hpckd: preempted by SIGTERM: checkpoint written at epoch "), stderr
+    assert lines[0].endswith("rerun the same command to resume")
+    # Every process of the run is gone with the wrapper -- none can write results later.
+    assert processes_mentioning(f"out_dir={out}") == []
+    for pid in running:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (out / "results.json").exists() and not (out / "last.pt").exists()
+    preempted = log_events(out / "log.jsonl", "preempted")
+    assert len(preempted) == 1 and preempted[0]["signal"] == "SIGTERM"
+    checkpoints = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert checkpoints and checkpoints[-1].name == f"step-{preempted[0]['step']:08d}.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_the_demo_driver_cancels_its_stage_jobs(tmp_path, sig):
+    root = tmp_path / "demo"
+    # The driver leads its own process group, as a shell runs a command: a Ctrl-C signals the whole group.
+    driver = launch(["demo", "--out", str(root), "--epochs-scale", "3"], start_new_session=True)
+    teachers = [job.name for job in demo.teacher_jobs(root / "data", 1)]
+    try:
+        for name in teachers:  # both stage jobs are training (inside their preemption guard)
+            wait_for(lambda: log_events(root / "runs" / name / "log.jsonl", "step"), 600, f"a step of {name}", driver)
+        jobs = processes_mentioning(str(root / "submitit"))  # controllers and tasks of the stage jobs
+        assert jobs, "no stage job process found"
+        if sig == signal.SIGINT:
+            os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
+        else:
+            driver.send_signal(signal.SIGTERM)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 128 + sig, stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert lines[0].startswith(f"hpckd: stopped by {signal.Signals(sig).name}: cancelled job(s) ")
+    assert lines[0].endswith(f"rerun `hpckd demo --out {root}` to resume")
+    assert processes_mentioning(str(root / "submitit")) == []  # no stage job runs on
+    for pid in jobs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    for name in teachers:  # each job stopped at a step boundary with a checkpoint, and did not finish
+        run = root / "runs" / name
+        assert not (run / "results.json").exists()
+        preempted = log_events(run / "log.jsonl", "preempted")
+        assert [p["signal"] for p in preempted] == ["SIGTERM"]
+        assert (run / "checkpoints" / f"step-{preempted[0]['step']:08d}.pt").is_file()
+
+
+def test_a_corrupt_stage_result_is_one_line_naming_the_file(tmp_path):
+    root = tmp_path / "demo"
+    demo.prepare_data(root / "data")
+    valid = {"name": "x", "metrics": {"accuracy": 0.5, "top1_agreement": 0.5}}
+    for job in [*demo.teacher_jobs(root / "data", 1), *demo.student_jobs(root / "data", root, 1)]:
+        job.out_dir(root).mkdir(parents=True)
+        (job.out_dir(root) / "results.json").write_text(json.dumps({**valid, "name": job.name}))
+    broken = root / "runs" / "T2s" / "results.json"
+    broken.write_text('{"name": "T2s", "metr')  # as a full disk left it before writes were atomic
+    proc = subprocess.run([sys.executable, "-m", "hpckd", "demo", "--out", str(root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("hpckd: error: cannot read the results of stage job T2s: "
+                                                   f"{broken} (not valid JSON)"), proc.stderr
+    assert not Path(root / "submitit").exists()  # every stage counted as done: nothing was run
