@@ -129,9 +129,10 @@ def _launch_ranks(torchrun_args: list[str]) -> int:
 
 @contextlib.contextmanager
 def _forwarding_signals(proc: subprocess.Popen, errors: str):
-    """While the ranks run: SIGTERM, SIGINT and SIGUSR2 go to the ranks (torchrun's children), which checkpoint at
-    the next step and stop; torchrun then stops the rest. Yields the list of signals received. A second Ctrl-C
-    kills the whole session at once."""
+    """While the ranks run: SIGTERM and SIGUSR2 go to the ranks (torchrun's children), which checkpoint at the
+    next step and stop; torchrun then stops the rest. A Ctrl-C (SIGINT) reaches them as SIGTERM, so that it too
+    stops them at a checkpoint (the ranks' preemption guard listens to SIGTERM and SIGUSR2); a second Ctrl-C kills
+    every process of the run at once. Yields the list of signals received."""
     received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -142,9 +143,10 @@ def _forwarding_signals(proc: subprocess.Popen, errors: str):
         ranks = _children(proc.pid)
         # Not torchrun itself: it would die of SIGUSR2 (no handler) and leave the ranks running.
         targets = ranks if ranks else [proc.pid]
+        to_ranks = signal.SIGTERM if signum == signal.SIGINT else signum
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum if ranks else signal.SIGTERM)
+                os.kill(pid, to_ranks if ranks else signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill-efficient", help="Efficient Distillation (response-based study): WSL stage, then CKM with a stronger teacher")
     _add_config_args(p)
     p.add_argument("--strong-teacher", required=True, help="checkpoint of the stronger teacher used in stage 2")
-    p.add_argument("--epochs", type=int, default=300, help="total epochs, split 4:1 between the stages")
+    p.add_argument("--epochs", type=_positive_int, default=300, help="total epochs, split 4:1 between the stages")
     p.set_defaults(func=_cmd_efficient)
 
     p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")

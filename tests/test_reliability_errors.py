@@ -19,7 +19,7 @@ from hpckd.data.sharding import ShardSpec
 from hpckd.data.sources import FileSource
 from hpckd.data.torch_loader import TorchLoader
 from hpckd.errors import DataError
-from tests.conftest import assert_one_line_error, make_undecodable, run_hpckd, tiny_run_args
+from tests.helpers import assert_one_line_error, make_undecodable, run_hpckd, tiny_run_args
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from hpckd.errors import UserError
 from hpckd.io import atomic_write_json, check_output_dir, current_umask, remove_stale_temp_files
-from tests.conftest import REPO, assert_one_line_error, run_hpckd, run_in_tmpfs, tiny_run_args
+from tests.helpers import REPO, assert_one_line_error, run_hpckd, run_in_tmpfs, tiny_run_args
 
 
 def mode(path: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpckd.runlock import LOCK_NAME, RunLock, RunLocked, check_lock_free
-from tests.conftest import REPO, assert_one_line_error, run_hpckd, tiny_run_args
+from tests.helpers import REPO, assert_one_line_error, run_hpckd, tiny_run_args
 
 HOLD = ("import sys; from hpckd.runlock import RunLock\n"
         "with RunLock(sys.argv[1]):\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from hpckd.sweep import demo
-from tests.conftest import REPO, log_events, processes_mentioning, tiny_run_args, wait_for
+from tests.helpers import REPO, log_events, processes_mentioning, tiny_run_args, wait_for
 
 
 def launch(args: list[str], **popen) -> subprocess.Popen:
@@ -32,20 +32,23 @@ def launch(args: list[str], **popen) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_sigterm_to_the_torchrun_wrapper_checkpoints_the_ranks_and_leaves_no_process(tmp_path, tiny_root):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_to_the_torchrun_wrapper_checkpoints_the_ranks_and_leaves_no_process(tmp_path, tiny_root, sig):
+    """SIGTERM is forwarded as is; a Ctrl-C (SIGINT to the terminal's process group, which holds only the wrapper:
+    the ranks run in sessions of their own) reaches the ranks as SIGTERM, so they too stop at a checkpoint."""
     out = tmp_path / "run"
     wrapper = launch(["train", *tiny_run_args(tiny_root, out, "dist.nproc_per_node=2", "optim.epochs=500",
-                                              "log_every=1", "data.eval_batch_size=2")])
+                                              "log_every=1", "data.eval_batch_size=2")], start_new_session=True)
     try:
         wait_for(lambda: log_events(out / "log.jsonl", "step"), 300, "the first logged training step", wrapper)
         running = processes_mentioning(f"out_dir={out}")  # the wrapper, torchrun, both ranks, their loader workers
         assert wrapper.pid in running and len(running) >= 4, running
-        wrapper.send_signal(signal.SIGTERM)  # what SLURM sends a preempted or cancelled job
+        os.killpg(wrapper.pid, sig)  # SIGTERM: what SLURM sends a preempted or cancelled job
         stdout, stderr = wrapper.communicate(timeout=300)
     finally:
         if wrapper.poll() is None:
             wrapper.kill()
-    assert wrapper.returncode == 128 + signal.SIGTERM, stderr
+    assert wrapper.returncode == 128 + sig, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hpckd: preempted by SIGTERM: checkpoint written at epoch "), stderr
     assert lines[0].endswith("rerun the same command to resume")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hpckd.data.synth import SynthSpec, is_complete, write_imagefolder
 from hpckd.sweep.demo import prepare_data
-from tests.conftest import REPO, assert_one_line_error, run_hpckd, wait_for
+from tests.helpers import REPO, assert_one_line_error, run_hpckd, wait_for
 
 SMALL = SynthSpec(classes=2, per_class=6, val_per_class=3, seed=5)
 

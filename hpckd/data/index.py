@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from hpckd.data import index_cache
 from hpckd.data.sources import FileSource
 from hpckd.errors import DataError
 
@@ -103,8 +104,6 @@ def build_index(root: str | Path, on_bad_image: str = "error", classes: list[str
     """Index ``root/<class>/<image>``; ``classes`` pins the class order (val must use train's classes).
 
     ``cache``: ``"auto"`` (next to the data, else the user cache folder), ``None``/``"off"``, or a folder."""
-    from hpckd.data import index_cache
-
     check_choice(on_bad_image)
     root = Path(root)
     if not root.is_dir():
@@ -119,8 +118,9 @@ def build_index(root: str | Path, on_bad_image: str = "error", classes: list[str
             raise DataError(f"{root}: class folders differ from the training split (missing {missing}, extra {extra})")
     classes = list(classes) if classes is not None else found
     key = index_cache.folder_key(root, classes, on_bad_image)
-    cached = index_cache.load(root, key, cache)
-    if cached is not None:
+    fields = index_cache.load(root, key, cache)
+    if fields is not None:
+        cached = FolderIndex(**fields)
         _report(root, cached.skipped)
         return cached
     index = _walk(root, classes, on_bad_image)

@@ -49,10 +49,9 @@ def cache_paths(root: Path, cache: str | None) -> list[Path]:
     return [root.resolve().parent / f".hpckd-index-{root.resolve().name}.json.gz", user]
 
 
-def load(root: Path, key: dict, cache: str | None):
-    """The cached :class:`~hpckd.data.index.FolderIndex` for ``key``, or None."""
-    from hpckd.data.index import FolderIndex
-
+def load(root: Path, key: dict, cache: str | None) -> dict | None:
+    """The fields of the cached :class:`~hpckd.data.index.FolderIndex` for ``key`` (its constructor's keyword
+    arguments; the index module builds it, so this module stays below it), or None."""
     for path in cache_paths(root, cache):
         try:
             with gzip.open(path, "rt") as handle:
@@ -62,9 +61,8 @@ def load(root: Path, key: dict, cache: str | None):
         if data.get("key") != key:
             continue
         base = Path(key["root"])
-        return FolderIndex(root=base, classes=list(data["classes"]), files=[str(base / f) for f in data["files"]],
-                           labels=list(data["labels"]), skipped=list(data["skipped"]),
-                           stats=[tuple(s) for s in data["stats"]])
+        return dict(root=base, classes=list(data["classes"]), files=[str(base / f) for f in data["files"]],
+                    labels=list(data["labels"]), skipped=list(data["skipped"]), stats=[tuple(s) for s in data["stats"]])
     return None
 
 
