@@ -258,15 +258,11 @@ def _arrange_preemption() -> None:
         return
     from hpckd.train import engine
 
-    real, calls = engine._micro_step, []
-
-    def micro_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def signal_at_third_micro_step(ctx: engine.StepContext) -> None:
+        if ctx.micro == 3:
             subprocess.run(["scancel", "--signal=USR2", os.environ["SLURM_JOB_ID"]], check=True)
-        return real(*args, **kwargs)
 
-    engine._micro_step = micro_step
+    engine.register_hook(signal_at_third_micro_step)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ from hpckd.data.loaders import Loaders, build_loaders
 from hpckd.errors import CheckpointError, ConfigError, DataError, UserError
 from hpckd.io import atomic_write_json, check_output_dir
 from hpckd.losses import Loss, build_loss
+from hpckd.metrics.exact import all_reduce_int64
 from hpckd.precision import PrecisionPolicy
 from hpckd.runlock import RunLock
+from hpckd.teachers.ensemble import ensemble_distribution
 from hpckd.teachers.source import TeacherSource
 from hpckd.train import rng
 from hpckd.train.backends import Backend, build_backend, prepare_model
@@ -94,6 +96,13 @@ class StepContext:
 
 
 Hook = Callable[[StepContext], None]
+_PROCESS_HOOKS: list[Hook] = []  # hooks for every run of this process (see register_hook)
+
+
+def register_hook(hook: Hook) -> None:
+    """Call ``hook`` before every micro-step of every run in this process, for code that cannot pass ``hooks`` to
+    :func:`run` (a job entry point that then calls the ``hpckd`` command, e.g. to inject a fault in a test)."""
+    _PROCESS_HOOKS.append(hook)
 
 
 @dataclass
@@ -137,7 +146,7 @@ def run(cfg, mode: str = "distill", hooks: Sequence[Hook] = ()) -> dict[str, Any
     info = dist.init(cfg.dist.device)
     check_runtime(cfg, info.device)
     with _locked_out_dir(Path(cfg.out_dir), info):
-        return _run(cfg, mode, info, hooks)
+        return _run(cfg, mode, info, [*_PROCESS_HOOKS, *hooks])
 
 
 @contextlib.contextmanager
@@ -335,6 +344,7 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
                 stop = _check_step(r, prog, out, guard)
                 backend.backward(out.loss, boundary)
             prog.add_terms(out.terms)
+            prog.add_counts(train_counts(out, cfg.metrics.ensemble))
             micro_in_epoch += 1
             if not boundary:
                 continue
@@ -415,14 +425,56 @@ def _end_epoch(r: Run, prog: Progress) -> None:
     _sync_buffers(r.backend.module)
     _check_state(r, prog)
     with EvalForward(r.backend.module, r.policy) as model:
-        metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics)
-    record = {"epoch": prog.epoch, **prog.close_epoch(), **{f"val_{k}": v for k, v in metrics.items()}}
+        metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics,
+                           half_split=r.cfg.batch_ops.half_split, mean=r.cfg.data.mean, std=r.cfg.data.std)
+    train = train_metrics(prog.train_counts, metrics.get("accuracy"))
+    record = {"epoch": prog.epoch, **prog.close_epoch(), **train, **{f"val_{k}": v for k, v in metrics.items()}}
     prog.history.append(record)
-    prog.metrics = dict(metrics)
+    prog.metrics = {**metrics, **train}
     prog.epoch += 1
     r.logger.log({"event": "epoch", **record, "train_s": round(prog.train_s, 3), **memory_stats(r.info.device)})
     r.scalars.add("epoch", record, prog.epoch)
     _save(r, prog)
+
+
+def train_counts(out: StepOutput, ensemble: str = "mean_probs") -> dict[str, int]:
+    """This rank's counts from one training forward pass (cheap: the logits exist anyway): rows, rows whose top-1
+    class is the label, and rows whose top-1 class is the teacher ensemble's (``metrics.ensemble``). The x' rows
+    of a doubled batch are left out (their originals count); Mixup/CutMix rows count against their own label.
+    One host sync (the three counts leave the device together)."""
+    if out.student_logits is None:
+        return {}
+    batch = out.batch
+    keep = torch.ones(batch.size, dtype=torch.bool, device=out.student_logits.device)
+    if batch.doubled is not None:
+        keep &= ~batch.doubled.to(keep.device)
+    if batch.valid is not None:
+        keep &= batch.valid.to(keep.device).bool()
+    pred = out.student_logits.argmax(dim=-1)
+    values = [keep.sum(), ((pred == batch.labels.to(pred.device)) & keep).sum()]
+    if out.teacher_logits:
+        teacher = ensemble_distribution(list(out.teacher_logits), ensemble).argmax(dim=-1).to(pred.device)
+        values.append(((pred == teacher) & keep).sum())
+    return dict(zip(("rows", "correct", "agree"), (int(v) for v in torch.stack(values).tolist())))
+
+
+def train_metrics(counts: dict[str, int], val_accuracy: float | None) -> dict[str, float]:
+    """The epoch's training accuracy and top-1 agreement with the teachers on the distillation data (attention
+    study Tables 3-4 and A.1-A.3, "during training"), summed over ranks (a collective), and the Acc-Gap
+    ``train_accuracy - val_accuracy`` (Table 3). Training accuracy comes from the training forward passes (train
+    mode, augmented inputs, weights changing during the epoch); ``hpckd eval --split train`` gives the exact
+    post-hoc value."""
+    names = ("rows", "correct", "agree")
+    local = {k: torch.tensor(int(counts.get(k, 0)), dtype=torch.int64) for k in names}
+    total = {k: int(v) for k, v in all_reduce_int64(local).items()}
+    if total["rows"] == 0:
+        return {}
+    out = {"train_accuracy": total["correct"] / total["rows"]}
+    if "agree" in counts or total["agree"]:
+        out["train_top1_agreement"] = total["agree"] / total["rows"]
+    if val_accuracy is not None:
+        out["acc_gap"] = out["train_accuracy"] - float(val_accuracy)
+    return out
 
 
 def _sync_buffers(module: nn.Module) -> None:
