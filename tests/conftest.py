@@ -51,3 +51,18 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "data"
     write_imagefolder(root, SynthSpec(classes=2, per_class=8, val_per_class=2, seed=0))
     return root
+
+
+@pytest.fixture(scope="session")
+def resume_data(tmp_path_factory) -> Path:
+    """4 classes x 24 training / 6 val images of 32x32 (seed 1): the in-process runs of the training-loop tests
+    (batch 16 -> 6 steps per epoch)."""
+    root = tmp_path_factory.mktemp("resume_data")
+    write_imagefolder(root, SynthSpec(classes=4, per_class=24, val_per_class=6, seed=1))
+    return root
+
+
+@pytest.fixture
+def outside_slurm(monkeypatch):
+    """A preempted run must never requeue whatever job this test suite itself might be running in."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)

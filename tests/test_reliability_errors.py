@@ -78,15 +78,20 @@ def test_debug_prints_the_chained_traceback(how):
 # --------------------------------------------------------------------------------------------- data errors
 
 
+def read_one_epoch(loader_class, index) -> None:
+    """One training epoch of the weak CIFAR policy over ``index`` (batch 8, one thread, CPU)."""
+    loader = loader_class(index.files, index.labels, {"student": train_policy("cifar", "weak", 32)}, batch_size=8,
+                          shard=ShardSpec(), train=True, seed=0, num_threads=1, device=torch.device("cpu"),
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    list(loader)
+
+
 def test_decode_error_in_a_dataloader_worker_is_one_line_naming_the_file(data_copy):
     index = build_index(data_copy / "train", cache="off")
     victim = Path(index.files[3])
     make_undecodable(victim)
-    loader = TorchLoader(index.files, index.labels, {"student": train_policy("cifar", "weak", 32)}, batch_size=8,
-                         shard=ShardSpec(), train=True, seed=0, num_threads=1, device=torch.device("cpu"),
-                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
     with pytest.raises(DataError) as raised:
-        list(loader)
+        read_one_epoch(TorchLoader, index)
     message = str(raised.value)
     assert message.startswith(f"cannot decode {victim} (") and "\n" not in message, message
     assert "Traceback" not in message and "worker" not in message
@@ -97,11 +102,8 @@ def test_dali_decode_error_names_the_file_and_keeps_the_dali_error_as_cause(data
     index = build_index(data_copy / "train", cache="off")
     victim = Path(index.files[5])
     make_undecodable(victim)
-    loader = DaliLoader(index.files, index.labels, {"student": train_policy("cifar", "weak", 32)}, batch_size=8,
-                        shard=ShardSpec(), train=True, seed=0, num_threads=1, device=torch.device("cpu"),
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
     with pytest.raises(DataError) as raised:
-        list(loader)
+        read_one_epoch(DaliLoader, index)
     assert str(raised.value).startswith(f"cannot decode {victim} (fix or remove it")
     assert isinstance(raised.value.__cause__, RuntimeError) and "decoders.image" in str(raised.value.__cause__)
 

@@ -18,25 +18,17 @@ import pytest
 import torch
 
 from tests.helpers import train_config as config
-from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.errors import CheckpointError
 from hpckd.train import engine
 from hpckd.checkpoint import CheckpointStore, check_compatible, load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("outside_slurm")
 STEPS_PER_EPOCH = 6  # 96 training images / batch 16
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume_data")
-    write_imagefolder(root, SynthSpec(classes=4, per_class=24, val_per_class=6, seed=1))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _not_inside_a_slurm_job(monkeypatch):
-    # A preempted run must never requeue whatever job this test suite itself might be running in.
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+@pytest.fixture(scope="session")
+def data_root(resume_data) -> Path:
+    return resume_data
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import torch
 from hpckd.checkpoint import CheckpointStore, load_checkpoint, nonfinite_entries
 from hpckd.cli import main
 from hpckd.data.loaders import student_policy, view_policies
-from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.errors import CheckpointError, ConfigError
 from hpckd.losses import NonFiniteError
 from hpckd.losses.checks import check_logits
@@ -26,20 +25,13 @@ from hpckd.train import engine
 from hpckd.train.experiment import load_experiment
 from tests.helpers import train_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("outside_slurm")]
 STEPS_PER_EPOCH = 6
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("guard_data")
-    write_imagefolder(root, SynthSpec(classes=4, per_class=24, val_per_class=6, seed=1))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _not_inside_a_slurm_job(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+@pytest.fixture(scope="session")
+def data_root(resume_data) -> Path:
+    return resume_data
 
 
 def config(data_root: Path, out: Path, *extra: str):
