@@ -21,8 +21,10 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "scipy>=1.10",
+        "scikit-learn>=1.3",  # metrics.mi_knn: the attention study's nearest-neighbour MI (mutual_info_classif)
         "submitit>=1.5",
         "pillow>=10",
+        "timm>=1.0,<1.1",  # ImageNet archs of the response-based study (hpckd.models.timm_nets)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.40"],

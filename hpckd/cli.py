@@ -285,7 +285,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from hpckd import dist
     from hpckd.train.evaluation import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, split=args.split, augmented=args.augmented, overrides=args.overrides)
+    results = evaluate_checkpoint(args.checkpoint, split=args.split, augmented=args.augmented, overrides=args.overrides,
+                                  against=args.against or ())
     if dist.info().is_main:
         for key, metrics in results.items():
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "nll", "ece", "top1_agreement", "predictive_kl")
@@ -299,11 +300,36 @@ def _cmd_efficient(args: argparse.Namespace) -> int:
     from hpckd import dist
     from hpckd.sweep.stages import run_efficient_distillation
 
-    results = run_efficient_distillation(*_config_and_overrides(args), args.strong_teacher, args.epochs)
+    results = run_efficient_distillation(*_config_and_overrides(args), args.strong_teacher, args.epochs, args.form)
     if dist.info().is_main:
         for r in results:
             print(f"{r['name']}: val accuracy {r['metrics']['accuracy']:.3f}")
     dist.shutdown()
+    return 0
+
+
+def _cmd_tstddev(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rc = _relaunch_if_needed(cfg, args.argv)
+    if rc is not None:
+        return rc
+    from hpckd import dist
+    from hpckd.train.protocols import tstddev_pass
+
+    r = tstddev_pass(cfg, epochs=args.epochs, group_size=args.group_size, unbiased=not args.biased, output=args.output)
+    if dist.info().is_main:
+        print(f"tstddev: T. stddev {r['tstddev']:.6g} over {int(r['tstddev_groups'])} groups of {r['group_size']}, "
+              f"v-bar {r['vbar']:.6g}, r-bar {r['rbar']:.6g} -> {r['path']}")
+    dist.shutdown()
+    return 0
+
+
+def _cmd_ab_test(args: argparse.Namespace) -> int:
+    from hpckd.train.protocols import ab_test
+
+    r = ab_test(args.control, args.treatment, args.output, metric=args.metric)
+    print(f"ab-test: p-value {r['p_value']:.4g} ({r['treatment_higher']} of {r['trials']} trials higher under the "
+          f"treatment, {args.metric}) -> {args.output}")
     return 0
 
 
@@ -333,6 +359,14 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teachers_import(args: argparse.Namespace) -> int:
+    from hpckd.teachers.importer import import_teacher
+
+    out = import_teacher(args.file, args.arch, args.classes, args.out)
+    print(f"wrote teacher checkpoint {out} ({args.arch}, {args.classes} classes) from {args.file}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hpckd.sweep.demo import run_demo
     from hpckd.sweep.executor import SweepStopped
@@ -345,6 +379,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep_plan(args: argparse.Namespace) -> int:
+    from hpckd.sweep.runner import format_plan
+    from hpckd.sweep.spec import plan_sweep
+
+    print(format_plan(plan_sweep(args.config, args.overrides)))
+    return 0
+
+
+def _cmd_sweep_run(args: argparse.Namespace) -> int:
+    from hpckd.sweep.executor import SweepStopped
+    from hpckd.sweep.runner import check_executor, default_executor, format_status, results_table, run_sweep
+    from hpckd.sweep.spec import plan_sweep
+
+    executor = args.executor or default_executor()
+    check_executor(executor)  # before planning writes anything
+    plan = plan_sweep(args.config, args.overrides)
+    try:
+        rows = run_sweep(plan, executor, wait=args.wait, poll_s=args.poll)
+    except SweepStopped as stopped:
+        print(f"hpckd: {stopped}; rerun `hpckd sweep run {args.config}` to resume", file=sys.stderr)
+        return stopped.exit_code
+    if executor != "slurm" or args.wait:
+        print(format_status(rows))
+        print(results_table(plan))
+    else:
+        print(f"follow it with `hpckd sweep status {plan.root}`")
+    return 1 if any(r.state in ("failed", "blocked") for r in rows) and (executor != "slurm" or args.wait) else 0
+
+
+def _cmd_sweep_status(args: argparse.Namespace) -> int:
+    from hpckd.sweep.runner import format_status, sweep_status
+
+    print(format_status(sweep_status(args.dir)))
+    return 0
+
+
+def _cmd_sweep_cancel(args: argparse.Namespace) -> int:
+    from hpckd.sweep.runner import cancel_sweep
+
+    keys = cancel_sweep(args.dir, args.trials)
+    print(f"cancelled {len(keys)} job(s)" + (f": {', '.join(keys)}" if keys else " (nothing was queued or running)"))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from hpckd.models.complexity import describe_models, format_table
 
@@ -354,6 +432,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--image-size {args.image_size} is too small for these models ({first})") from exc
     print(format_table(rows))
+    return 0
+
+
+def _cmd_teachers_cache(args: argparse.Namespace) -> int:
+    """Write (or finish) the logit store of a config; ``--verify N`` then re-runs the teachers on N entries."""
+    from hpckd import dist
+    from hpckd.teachers.store_writer import cache, parse_part
+
+    part = parse_part(args.part)
+    cfg = _load(args)
+    rc = _relaunch_if_needed(cfg, args.argv)
+    if rc is not None:
+        return rc
+    folder = cache(cfg, epochs=args.epochs or int(cfg.optim.epochs), topk=args.topk, out=args.out, part=part, shard_steps=args.shard_steps,
+                   verify=args.verify, log=lambda line: print(line, flush=True))
+    if dist.info().is_main:
+        print(f"teachers cache: {folder}", flush=True)
+    dist.shutdown()
     return 0
 
 
@@ -401,12 +497,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--strong-teacher", required=True, help="checkpoint of the stronger teacher used in stage 2")
     p.add_argument("--epochs", type=_positive_int, default=300, help="total epochs, split 4:1 between the stages")
+    p.add_argument("--form", default="text", choices=["text", "code"],
+                   help="text: 240+60 of 300 epochs (the paper); code: 239+61, floors 1e-5 / 5e-4, stage-2 cosine over 62 (its code)")
     p.set_defaults(func=_cmd_efficient)
+
+    p = sub.add_parser("tstddev", help="T. stddev and v-bar/r-bar of the teachers over the training stream (augmentation study)")
+    _add_config_args(p)
+    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs of the training stream (10 in the paper)")
+    p.add_argument("--group-size", type=_positive_int, default=640, help="K rows per group (640 in the paper)")
+    p.add_argument("--biased", action="store_true", help="np.var across groups (the public code) instead of Var")
+    p.add_argument("--output", default=None, help="results JSON (default: OUT_DIR/tstddev.json)")
+    p.set_defaults(func=_cmd_tstddev)
+
+    p = sub.add_parser("ab-test", help="the attention study's A/B-test p-value over paired runs (vKD vs hKD)")
+    p.add_argument("--control", nargs="+", required=True, help="run folders of the control (vKD), one per trial")
+    p.add_argument("--treatment", nargs="+", required=True, help="run folders of the treatment (hKD), same order")
+    p.add_argument("--metric", default="top1_agreement", help="the fidelity metric of results.json (default top1_agreement)")
+    p.add_argument("--output", required=True, help="results JSON to write")
+    p.set_defaults(func=_cmd_ab_test)
 
     p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")
     p.add_argument("checkpoint", help="a checkpoint (e.g. RUN/last.pt) to evaluate")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--augmented", action="store_true", help="the split under the run's training policy (Affinity's D'_val)")
+    p.add_argument("--against", nargs="+", metavar="CHECKPOINT",
+                   help="compare with these models instead of the run's teachers (e.g. an independent student)")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides of the checkpoint's config, e.g. data.root=/data/x")
     p.set_defaults(func=_cmd_eval)
 
@@ -415,6 +530,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"], help="where stage jobs run")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.3 for a smoke run)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sweep", help="a study as one YAML: plan, run (SLURM arrays / local), status, cancel")
+    sweep_sub = p.add_subparsers(dest="sweep_command", metavar="SWEEP_COMMAND", required=True)
+    s = sweep_sub.add_parser("plan", help="trials, distinct teachers, stages, sbatch resources, GPU-hours; submits nothing")
+    s.add_argument("config", help="sweep YAML (e.g. configs/sweeps/demo.yaml)")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted sweep keys, e.g. out_dir=runs/x")
+    s.set_defaults(func=_cmd_sweep_plan)
+    s = sweep_sub.add_parser("run", help="submit every stage (SLURM: arrays with afterok dependencies) or run them here")
+    s.add_argument("config", help="sweep YAML")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted sweep keys, e.g. out_dir=runs/x")
+    s.add_argument("--executor", choices=["slurm", "local", "debug"], default=None,
+                   help="slurm (default where sbatch is on PATH), local (this machine), debug (in this process)")
+    s.add_argument("--wait", action="store_true", help="SLURM: follow the sweep until no job is queued or running")
+    s.add_argument("--poll", type=float, default=5.0, help="seconds between status reads with --wait")
+    s.set_defaults(func=_cmd_sweep_run)
+    s = sweep_sub.add_parser("status", help="each job's state, job id, elapsed time, last error and log")
+    s.add_argument("dir", help="the sweep's out_dir")
+    s.set_defaults(func=_cmd_sweep_status)
+    s = sweep_sub.add_parser("cancel", help="cancel the queued and running jobs (of the named trials)")
+    s.add_argument("dir", help="the sweep's out_dir")
+    s.add_argument("trials", nargs="*", default=[], help="trial or teacher names (default: every job)")
+    s.set_defaults(func=_cmd_sweep_cancel)
 
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -439,6 +576,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None, help="input size for MACs (default: the model's native size)")
     p.add_argument("--num-classes", type=_positive_int, default=None, help="classifier size (default: the model family's usual)")
     p.set_defaults(func=_cmd_models)
+
+    t = sub.add_parser("teachers", help="teacher utilities: the logit store")
+    teachers_sub = t.add_subparsers(dest="teachers_command", metavar="TEACHERS_COMMAND", required=True)
+    s = teachers_sub.add_parser("cache", help="precompute the teachers' logits on every view of E epochs (a logit store)")
+    _add_config_args(s)
+    s.add_argument("--epochs", type=_positive_int, default=None, help="epochs to store (default: optim.epochs)")
+    s.add_argument("--topk", type=int, default=0, help="store top-k logits + remaining mass (0: full fp16 logits)")
+    s.add_argument("--out", default=None, help="store folder (default: stores/<hash of what determines it>)")
+    s.add_argument("--part", default="0/1", help="i/n: write the i-th of n slices (array tasks)")
+    s.add_argument("--shard-steps", type=int, default=0, help="global micro-batches per shard (default: ~4096 rows)")
+    s.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="then re-run the teachers on N random stored entries, replaying their views, and compare")
+    s.set_defaults(func=_cmd_teachers_cache)
+    s = teachers_sub.add_parser("import", help="turn a local torchvision/timm state dict or a RepDistiller CIFAR "
+                                               "teacher into an hpckd teacher checkpoint")
+    s.add_argument("file", help="local weights file (.pth/.pt)")
+    s.add_argument("--arch", required=True, help="hpckd architecture name (see `hpckd models`)")
+    s.add_argument("--classes", type=_positive_int, required=True, help="number of classes of the file's classifier")
+    s.add_argument("--out", default=None, help="output checkpoint (default: FILE's name with .hpckd.pt)")
+    s.set_defaults(func=_cmd_teachers_import)
 
     p = sub.add_parser("dist-check", help="initialise torch.distributed from the launcher (torchrun/srun/mpirun/submitit) and all-reduce")
     p.add_argument("--cpu", action="store_true", help="use gloo on CPU even when a GPU is present")

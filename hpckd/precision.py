@@ -12,7 +12,9 @@ Who runs how:
   inputs when ``train.channels_last``;
 * teachers (training and evaluation alike, so the logits a student learns from are the ones its fidelity is
   measured against): bf16 autocast and channels-last on CUDA when ``serving.amp`` / ``serving.channels_last``
-  (frozen inference tolerates bf16), otherwise the student's autocast;
+  (frozen inference tolerates bf16), otherwise the student's autocast; in the evaluation pass the teachers run
+  at ``metrics.teacher_precision`` instead (fp32 by default, so fidelity, MI, CAM-IoU and T. stddev are measured
+  on fp32 teachers; ``bf16`` reproduces the training-time logits, :meth:`PrecisionPolicy.for_analysis`);
 * images from the loaders: ``data.dtype`` in training (checked against ``train.precision``), float32 in
   evaluation, channels-last when ``train.channels_last`` (:class:`hpckd.data.batch.ImageFormat`).
 """
@@ -20,6 +22,7 @@ Who runs how:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -62,6 +65,7 @@ class PrecisionPolicy:
     channels_last: bool = False  # train.channels_last (student inputs)
     teacher_amp: bool = True  # serving.amp: bf16 teachers on CUDA
     teacher_channels_last_on_cuda: bool = True  # serving.channels_last
+    teacher_analysis: str | None = None  # metrics.teacher_precision in the evaluation pass (fp32 | bf16); None: training
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device) -> "PrecisionPolicy":
@@ -86,8 +90,17 @@ class PrecisionPolicy:
         return make_scaler(self.precision, self.device)
 
     # ---------------------------------------------------------------- teachers
+    def for_analysis(self, teacher_precision: str) -> "PrecisionPolicy":
+        """This policy with the teachers at ``metrics.teacher_precision``: ``"fp32"`` (no autocast) or ``"bf16"``
+        (bf16 autocast on any device, as training's ``serving.amp`` on CUDA)."""
+        if teacher_precision not in ("fp32", "bf16"):
+            raise ValueError(f"teacher_precision must be fp32 or bf16, got {teacher_precision!r}")
+        return dataclasses.replace(self, teacher_analysis=teacher_precision)
+
     @property
     def teacher_dtype(self) -> torch.dtype | None:
+        if self.teacher_analysis is not None:
+            return None if self.teacher_analysis == "fp32" else torch.bfloat16
         if self.on_cuda and self.teacher_amp:
             return torch.bfloat16
         return autocast_dtype(self.precision)

@@ -135,7 +135,9 @@ def test_cutmix_pick_keeps_the_highest_entropy_pool_rows():
     assert sorted(rec["pick"].tolist()) == sorted(expected.tolist())
     assert torch.allclose(out.views["student"][8:], pool.views["student"][rec["pick"]])
     assert out.doubled.sum() == 12 and out.index[8:].tolist() == pool.index[rec["pick"]].tolist()
-    assert pool.doubled is None and pool.label_mix is None and pool.aug == {}, "the pool carries no loss markers"
+    assert pool.doubled is None and pool.label_mix is None, "the pool carries no loss markers"
+    # only the logit store's row names (POOL_VARIANT + run), no replay records of the input batch
+    assert list(pool.aug) == ["variant"] and pool.aug["variant"].tolist() == [64] * 8 + [65] * 8 + [66] * 8
 
 
 def test_cutmix_pick_without_a_scorer_is_a_config_error():
@@ -175,7 +177,8 @@ def test_ops_do_not_touch_their_input_batch():
     out = apply_batch_ops(b, BatchOpsConfig(scheme="cutmix", half_split="crop"), gen(9))
     assert b.views.keys() == views.keys() and all(torch.equal(b.views[k], views[k]) for k in views)
     assert torch.equal(b.labels, labels) and b.aug == aug and b.doubled is None and b.label_mix is None
-    assert set(out.aug) == {"student", "cutmix", "half_split"}, "replay records only"
+    assert set(out.aug) == {"student", "cutmix", "half_split", "variant"}, "replay records only"
+    assert out.aug["variant"].tolist() == [0] * 8 + [1] * 8, "the logit store's row names: loader view, CutMix"
     assert out.epoch == 2 and isinstance(out.label_mix, LabelMix) and out.doubled.sum() == 8
 
 

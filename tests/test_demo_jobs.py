@@ -1,10 +1,12 @@
-"""The demo's teacher and student jobs are submitit ``Checkpointable`` jobs (:class:`hpckd.sweep.demo.StageJob`).
+"""The demo's (and every sweep's) teacher and student jobs are submitit ``Checkpointable`` jobs
+(:class:`hpckd.sweep.jobs.SweepTrainJob`) that run the config stored in their own folder.
 
-A stage runs on submitit's real local executor and the callables it pickled are checked; a teacher job then trains for real on a tiny data set
-(4 classes x 16 images, the demo's batch of 32 -> 2 steps per epoch, 2 epochs, resnet20), is "preempted" after its
-first epoch (its final checkpoint and outputs deleted, as if the job had stopped there), and the job that its
-``checkpoint()`` hands submitit -- pickled and loaded back, as a requeue does -- resumes and ends exactly where the
-uninterrupted job ended.
+A small sweep shaped like the demo (two teachers T1w/T2s, one student distilled from both) runs on submitit's real
+local executor, and the callables it pickled are checked; a finished job is not submitted again. A teacher job then
+trains for real on a tiny data set (4 classes x 16 images, the demo's batch of 32 -> 2 steps per epoch, 2 epochs),
+is "preempted" after its first epoch (its final checkpoint and outputs deleted, as if the job had stopped there), and
+the job that its ``checkpoint()`` hands submitit -- pickled and loaded back, as a requeue does -- resumes and ends
+exactly where the uninterrupted job ended.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import pytest
 import submitit
 import torch
 
+from hpckd.checkpoint import CheckpointStore, load_checkpoint
 from hpckd.data.synth import SynthSpec, write_imagefolder
 from hpckd.sweep import demo
-from hpckd.checkpoint import CheckpointStore, load_checkpoint
+from hpckd.sweep.jobs import SweepTrainJob, read_state
+from hpckd.sweep.runner import make_call, prepare, run_sweep, sweep_status
+from hpckd.sweep.spec import plan_sweep
 
 CLASSES, PER_CLASS, VAL_PER_CLASS = 4, 16, 4
 BATCH = 32  # the demo's data.batch_size
@@ -34,50 +39,86 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def submitted_calls(root: Path) -> list:
+def small_sweep(data_root: Path, out: Path, epochs: int = 1):
+    """The demo's shape on the tiny set: T1w and T2s (resnet8 to keep it quick), one student from both."""
+    inline = {
+        "name": "demo-jobs", "base": {"data": {"batch_size": BATCH, "loader": "torch", "num_workers": 0},
+                                      "optim": {"lr": 0.05, "epochs": epochs}, "model": {"arch": "resnet8"}},
+        "datasets": {"tiny": {"overrides": [f"data.root={data_root}"]}},
+        "teachers": {"T1": {"overrides": ["seed=1"]}, "T2": {"overrides": ["seed=2"]}},
+        "student_overrides": ["seed=3", "loss.name=ensemble_kd", "loss.tau=4"],
+        "grid": {"roles": ["T1", "T2"], "teacher_letters": {"T1": ["w"], "T2": ["s"]}, "student_letters": ["w"]},
+        "local_parallel": 2,
+    }
+    return plan_sweep(None, inline=inline, out_dir=out)
+
+
+def submitted_calls(folder: Path) -> list:
     """What submitit's local executor really ran: the callables it pickled for each job, in job-id order."""
-    files = sorted((root / "submitit").glob("*_submitted.pkl"), key=lambda f: int(f.name.split("_")[0]))
+    files = sorted(folder.glob("*_submitted.pkl"), key=lambda f: int(f.name.split("_")[0]))
     return [submitit.helpers.DelayedSubmission.load(f).function for f in files]
 
 
 @pytest.mark.slow  # submitit's local executor trains each job in its own process
-def test_the_demo_submits_checkpointable_stage_jobs(data_root, tmp_path):
-    jobs = demo.teacher_jobs(data_root, 1)
-    demo.run_stage(jobs, tmp_path, "local")  # the real submitit local executor: one process per job
-    calls = submitted_calls(tmp_path)
-    assert len(calls) == len(jobs)
-    for job, call in zip(jobs, calls):
+def test_a_sweep_submits_checkpointable_jobs_and_does_not_resubmit_finished_ones(data_root, tmp_path):
+    plan = small_sweep(data_root, tmp_path)
+    assert [j.name for j in plan.teachers] == ["T1w", "T2s"] and [j.name for j in plan.trials] == ["T1wT2sSw"]
+    run_sweep(plan, "local", echo=lambda line: None)
+    calls = submitted_calls(tmp_path / "submitit" / "teachers")
+    assert len(calls) == 2
+    for job, call in zip(plan.teachers, calls):
         assert isinstance(call, submitit.helpers.Checkpointable)  # what makes submitit requeue it on preemption
-        assert call.mode == job.mode
-        # The demo's own overrides, then where the job writes and its name, as `hpckd demo` always had.
-        assert call.overrides[: len(job.overrides)] == list(job.overrides)
-        assert f"out_dir={tmp_path / 'runs' / job.name}" in call.overrides
-        assert f"name={job.name}" in call.overrides
-        # Each job runs on its share of the machine's CPUs.
-        assert call.threads == max(1, (os.cpu_count() or 2) // len(jobs))
-        assert json.loads((job.out_dir(tmp_path) / "results.json").read_text())["steps"] == STEPS_PER_EPOCH
+        assert isinstance(call, SweepTrainJob) and call.mode == "train"
+        assert call.config == str(job.folder / "config.yaml") and call.overrides == []
+        assert call.threads == max(1, (os.cpu_count() or 2) // 2)  # each job runs on its share of the CPUs
+        results = json.loads((job.folder / "results.json").read_text())
+        assert results["steps"] == STEPS_PER_EPOCH and results["config"]["out_dir"] == str(job.folder)
+    (student_call,) = submitted_calls(tmp_path / "submitit" / "students")
+    assert student_call.mode == "distill"
+    stored = json.loads((plan.trials[0].folder / "results.json").read_text())["config"]["teachers"]
+    assert [t["checkpoint"] for t in stored] == [str(j.folder / "last.pt") for j in plan.teachers]
+    assert [r.state for r in sweep_status(tmp_path)] == ["done"] * 4
+
+    # T2s's results lost: only T2s runs again (its checkpoint is there: it resumes at its last step).
+    (plan.teachers[1].folder / "results.json").unlink()
+    first_ids = {j.key: read_state(j.folder, j.stage, "job")["job_id"] for j in plan.jobs.values()}
+    run_sweep(small_sweep(data_root, tmp_path), "local", echo=lambda line: None)
+    again = {j.key: read_state(j.folder, j.stage, "job")["job_id"] for j in plan.jobs.values()}
+    assert [key for key in first_ids if again[key] != first_ids[key]] == ["teachers/T2s"]
+    assert len(submitted_calls(tmp_path / "submitit" / "teachers")) == 3
+    assert [r.state for r in sweep_status(tmp_path)] == ["done"] * 4
 
 
-@pytest.mark.slow  # the other job still trains in its own process
-def test_a_finished_stage_is_not_submitted_again(data_root, tmp_path):
-    jobs = demo.teacher_jobs(data_root, 1)
-    (jobs[0].out_dir(tmp_path)).mkdir(parents=True)
-    (jobs[0].out_dir(tmp_path) / "results.json").write_text("{}")
-    demo.run_stage(jobs, tmp_path, "local")
-    assert [c.overrides for c in submitted_calls(tmp_path)] == [demo.stage_overrides(jobs[1], tmp_path)]
-    assert not (jobs[0].out_dir(tmp_path) / "checkpoints").exists()  # the finished job did not run again
+def test_the_demo_is_the_shipped_sweep_config(tmp_path):
+    plan = demo.demo_plan(tmp_path, epochs_scale=0.5)
+    assert [j.name for j in plan.teachers] == ["T1w", "T2s"]
+    assert [j.name for j in plan.trials] == ["T1wT2sSw", "T1wT2sSs", "Sw-CE-only"]
+    assert {j.config["optim"]["epochs"] for j in [*plan.teachers, *plan.trials]} == {6}
+    assert [(j.config["aug"], j.config["seed"], j.config["model"]["arch"]) for j in plan.teachers] == [
+        ("weak", 1, "resnet20"), ("strong", 2, "resnet20")]
+    assert [(j.config["aug"], j.config["loss"]["name"]) for j in plan.trials] == [
+        ("weak", "ensemble_kd"), ("strong", "ensemble_kd"), ("weak", "ce")]
+    # the data stage generates demo.DATA_SPEC (what `prepare_data` makes) at OUT/data, where it always was
+    (data,) = plan.stage("data")
+    spec = demo.DATA_SPEC
+    assert data.extra["synth"] == {"classes": spec.classes, "per_class": spec.per_class, "size": "32x32",
+                                   "val_per_class": spec.val_per_class, "seed": spec.seed}
+    assert data.config["data"]["root"] == str(tmp_path / "data") and (spec.height, spec.width) == (32, 32)
 
 
-def test_checkpoint_resubmits_an_equivalent_job(tmp_path):
-    job = demo.teacher_jobs(tmp_path / "data", 3)[1]
-    call = demo.StageJob(job, tmp_path, threads=3)
+def test_checkpoint_resubmits_an_equivalent_job(data_root, tmp_path):
+    plan = small_sweep(data_root, tmp_path, epochs=3)
+    prepare(plan)
+    call = make_call(plan.teachers[1], threads=3)
     delayed = call.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     delayed.dump(tmp_path / "requeued.pkl")  # what submitit's handler writes before it requeues the job
     requeued = submitit.helpers.DelayedSubmission.load(tmp_path / "requeued.pkl")
-    assert isinstance(requeued.function, demo.StageJob)
+    assert isinstance(requeued.function, SweepTrainJob)
     assert requeued.args == () and requeued.kwargs == {}
-    expected = {"mode": "train", "config": None, "overrides": demo.stage_overrides(job, tmp_path), "threads": 3}
+    folder = str(plan.teachers[1].folder)
+    expected = {"mode": "train", "config": f"{folder}/config.yaml", "overrides": [], "folder": folder,
+                "stage": "teachers", "config_hash": plan.teachers[1].config_hash, "threads": 3}
     assert vars(requeued.function) == vars(call) == expected
 
 
@@ -85,15 +126,18 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out / "last.pt")["model"]
 
 
-def test_a_teacher_job_trains_and_its_requeued_self_resumes_exactly(data_root, tmp_path):
-    job = demo.teacher_jobs(data_root, EPOCHS)[0]
-    out = job.out_dir(tmp_path)
-    call = demo.StageJob(job, tmp_path, threads=1)
+def test_a_teacher_job_trains_and_its_requeued_self_resumes_exactly(data_root, tmp_path, one_torch_thread):
+    plan = small_sweep(data_root, tmp_path, epochs=EPOCHS)
+    prepare(plan)
+    job = plan.teachers[0]
+    out = job.folder
+    call = make_call(job, threads=1)
 
     returned = call()
     first = json.loads((out / "results.json").read_text())
-    assert returned == {"name": "T1w", **first["metrics"]}  # what the demo's table reads is what the job returns
+    assert returned["metrics"] == first["metrics"] and returned["name"] == "T1w"
     assert first["resumes"] == [] and first["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert read_state(out, "teachers", "done")["config_hash"] == job.config_hash
     checkpoints = [e.step for e in CheckpointStore(out / "checkpoints").entries()]
     assert checkpoints == [STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH]  # one per epoch end
     weights = final_weights(out)
@@ -109,7 +153,8 @@ def test_a_teacher_job_trains_and_its_requeued_self_resumes_exactly(data_root, t
     assert [r["step"] for r in second["resumes"]] == [STEPS_PER_EPOCH]
     assert second["steps"] == first["steps"]
     assert second["history"] == first["history"] and second["metrics"] == first["metrics"]
-    assert again == returned
+    assert again["metrics"] == returned["metrics"]
+    assert read_state(out, "teachers", "started")["attempt"] == 2  # the requeued job recorded its second start
     resumed_weights = final_weights(out)
     assert resumed_weights.keys() == weights.keys()
     assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)

@@ -68,7 +68,7 @@ def test_label_smoothing_eq3_and_code_forms_by_hand():
     eq3 = T.label_smoothing_target(labels, 4, 0.7, "eq3", torch.float64).numpy()
     code = T.label_smoothing_target(labels, 4, 0.7, "code", torch.float64).numpy()
     assert np.allclose(eq3, [[0.1, 0.1, 0.7, 0.1]])
-    assert np.allclose(code, [[0.075, 0.075, 0.775, 0.075]])
+    assert np.allclose(code, [[0.0003, 0.0003, 0.7003, 0.0003]])  # the public code's (1 - t) / 1000, any C
 
 
 def test_amplification_by_hand_and_capped_at_one():
@@ -235,10 +235,10 @@ def test_ckm_by_hand():
 
 
 def test_ckm_reads_the_label_smoothed_target_from_loss_targets():
-    """Eq. 3 with t = loss.targets.smoothing in both forms: eq3 (others (1-t)/(C-1)) and code (t onehot + (1-t)/C)."""
+    """Eq. 3 with t = loss.targets.smoothing in both forms: eq3 (others (1-t)/(C-1)) and code (t onehot + (1-t)/1000)."""
     t = logits_of([[0.6, 0.3, 0.1]])
     s = logits_of([[0.9, 0.05, 0.05]])  # teacher correct and less confident than the student: mined
-    for form, smoothed in (("eq3", [0.9, 0.05, 0.05]), ("code", [0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])):
+    for form, smoothed in (("eq3", [0.9, 0.05, 0.05]), ("code", [0.9 + 0.1 / 1000, 0.1 / 1000, 0.1 / 1000])):
         cfg = LossConfig(name="ckm", tau=1.0, ce_weight=0.0, targets=TargetsConfig(smoothing=0.9, smoothing_form=form))
         out = build_loss(cfg)(s, [t], make_batch([0]))
         assert out["mined_frac"].item() == 1.0

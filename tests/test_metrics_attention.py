@@ -162,5 +162,6 @@ def test_iou_accumulator_streams_the_same_values(rng: np.random.Generator) -> No
     assert out["iou_count"] == 10
     assert out["iou"] == pytest.approx(attention_iou(a, b), abs=2**-28)
     assert out["iou_pooled"] == pytest.approx(attention_iou(a, b, reduction="pooled"), rel=1e-12)
-    batch_mean = (attention_iou(a[:3], b[:3], reduction="pooled") + attention_iou(a[3:], b[3:], reduction="pooled")) / 2
+    # the attention study's code: per-batch pooled IoUs weighted by batch size (3 and 7 images)
+    batch_mean = (3 * attention_iou(a[:3], b[:3], reduction="pooled") + 7 * attention_iou(a[3:], b[3:], reduction="pooled")) / 10
     assert out["iou_batch_pooled"] == pytest.approx(batch_mean, abs=2**-28)  # fixed-point resolution

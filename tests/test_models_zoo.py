@@ -49,7 +49,7 @@ def test_registry_lists_every_model_the_studies_use():
 
 
 # Spatial size of the last feature map at 32 px, as in the reference implementations (CRD, the fidelity study).
-CIFAR_MAP_SIZE = {"vgg": 4, "shufflenet": 4, "mobilenetv2_cifar": 2}
+CIFAR_MAP_SIZE = {"vgg": 4, "shufflenet": 4, "mobilenetv2_cifar": 2, "resnet50_cifar": 4}
 # CAM identity checked on every CIFAR CNN and two ImageNet CNNs (the other torchvision ResNets share the adapter;
 # a second trunk pass of ResNet-101 at 224 px would only cost CPU time).
 IMAGENET_CAM = {"resnet18", "mobilenet_v2"}

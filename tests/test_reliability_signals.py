@@ -16,11 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from hpckd.sweep import demo
 from tests.helpers import REPO, log_events, processes_mentioning, tiny_run_args, wait_for
 
 
@@ -70,10 +68,11 @@ def test_stopping_the_demo_driver_cancels_its_stage_jobs(tmp_path, sig):
     root = tmp_path / "demo"
     # The driver leads its own process group, as a shell runs a command: a Ctrl-C signals the whole group.
     driver = launch(["demo", "--out", str(root), "--epochs-scale", "3"], start_new_session=True)
-    teachers = [job.name for job in demo.teacher_jobs(root / "data", 1)]
+    teachers = ["T1w", "T2s"]  # configs/sweeps/demo.yaml's teachers, trained at the same time
     try:
         for name in teachers:  # both stage jobs are training (inside their preemption guard)
-            wait_for(lambda: log_events(root / "runs" / name / "log.jsonl", "step"), 600, f"a step of {name}", driver)
+            wait_for(lambda: log_events(root / "teachers" / name / "log.jsonl", "step"), 600, f"a step of {name}",
+                     driver)
         jobs = processes_mentioning(str(root / "submitit"))  # controllers and tasks of the stage jobs
         assert jobs, "no stage job process found"
         if sig == signal.SIGINT:
@@ -94,26 +93,34 @@ def test_stopping_the_demo_driver_cancels_its_stage_jobs(tmp_path, sig):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     for name in teachers:  # each job stopped at a step boundary with a checkpoint, and did not finish
-        run = root / "runs" / name
+        run = root / "teachers" / name
         assert not (run / "results.json").exists()
         preempted = log_events(run / "log.jsonl", "preempted")
         assert [p["signal"] for p in preempted] == ["SIGTERM"]
         assert (run / "checkpoints" / f"step-{preempted[0]['step']:08d}.pt").is_file()
 
 
-def test_a_corrupt_stage_result_is_one_line_naming_the_file(tmp_path):
+def test_a_corrupt_stage_result_is_reported_and_its_job_runs_again(tmp_path):
+    """A finished job whose results.json a full disk truncated is not counted as done: `hpckd sweep status` says
+    so (naming the file), and the next run re-runs that job only (the others stay done)."""
+    from hpckd.sweep.demo import demo_plan
+    from hpckd.sweep.jobs import write_state
+    from hpckd.sweep.runner import prepare
+
     root = tmp_path / "demo"
-    demo.prepare_data(root / "data")
-    valid = {"name": "x", "metrics": {"accuracy": 0.5, "top1_agreement": 0.5}}
-    for job in [*demo.teacher_jobs(root / "data", 1), *demo.student_jobs(root / "data", root, 1)]:
-        job.out_dir(root).mkdir(parents=True)
-        (job.out_dir(root) / "results.json").write_text(json.dumps({**valid, "name": job.name}))
-    broken = root / "runs" / "T2s" / "results.json"
+    plan = demo_plan(root)
+    prepare(plan)
+    for job in plan.jobs.values():  # every job finished, as far as its state files say
+        write_state(job.folder, job.stage, "done", {"config_hash": job.config_hash})
+        (job.folder / "results.json").write_text(json.dumps({"name": job.name, "metrics": {"accuracy": 0.5}}))
+    broken = root / "teachers" / "T2s" / "results.json"
     broken.write_text('{"name": "T2s", "metr')  # as a full disk left it before writes were atomic
-    proc = subprocess.run([sys.executable, "-m", "hpckd", "demo", "--out", str(root)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("hpckd: error: cannot read the results of stage job T2s: "
-                                                   f"{broken} (not valid JSON)"), proc.stderr
-    assert not Path(root / "submitit").exists()  # every stage counted as done: nothing was run
+    proc = subprocess.run([sys.executable, "-m", "hpckd", "sweep", "status", str(root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    states = {line.split()[1]: line.split()[2] for line in proc.stdout.splitlines()[2:-1]}
+    assert states == {"synth": "done", "T1w": "done", "T2s": "failed", "T1wT2sSw": "done", "T1wT2sSs": "done",
+                      "Sw-CE-only": "done"}, proc.stdout
+    (t2s_line,) = [line for line in proc.stdout.splitlines() if " T2s " in line]
+    assert f"{broken} is missing or not valid JSON; rerun to redo it" in t2s_line
+    assert proc.stdout.splitlines()[-1] == "5 done, 1 failed"

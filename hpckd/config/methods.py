@@ -64,7 +64,7 @@ class TargetsConfig:
     subset: str = "all"  # samples changed (Fig. 4): all | correct | reg | reg_correct | not_correct
     amplify_delta: float = 0.1  # delta of Eqs. 4-5
     smoothing: float = 0.99  # t of the label-smoothed target (Eq. 3; consistent knowledge mining, Sec. 5.1)
-    smoothing_form: str = "eq3"  # eq3: others (1-t)/(C-1) | code: t*onehot + (1-t)/C
+    smoothing_form: str = "eq3"  # eq3: others (1-t)/(C-1) | code: t*onehot + (1-t)/1000 (the public code, any C)
 
 
 @dataclass
@@ -94,7 +94,10 @@ class BatchOpsConfig:
     doubled: bool = True  # Wang's protocol: keep x and append x' (marked); False replaces x by x'
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
     cutmix_alpha: float = 1.0
-    lam_per_sample: bool = False  # one lambda (and CutMix box size) per batch, as the original code; or per sample
+    lam_per_sample: bool = False  # one lambda (and CutMix box size) per mixing group; or per sample
+    # Rows mix within G groups of the global micro-batch (position mod G); G must be a multiple of the world size,
+    # and then the mixes do not depend on it (hpckd.data.batchops: what a logit store written by 2 ranks needs)
+    mix_groups: int = 8
     half_split: str = "none"  # none | crop (half-width images) | mask (full size, other half black)
     # CutMixPick (augmentation study Sec. 4.2; hpckd.data.cutmixpick)
     pick_criterion: str = "teacher_entropy"  # teacher_entropy | student_entropy | kl (teacher || student)

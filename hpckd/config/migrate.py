@@ -34,6 +34,10 @@ MOVED: dict[str, str] = {
 
 _MISSING = object()
 
+# The policies issue made `weak` / `strong` follow the attention study's App. A.1 (hpckd.data.aug); a config stored
+# before it (it has no `data.policies`) meant the earlier definitions, kept under these names.
+LEGACY_AUG = {"weak": "weak_legacy", "strong": "strong_legacy"}
+
 
 def check_renamed_keys(source: DictConfig, where: str) -> None:
     """Raise a one-line ConfigError when ``source`` (a YAML file's or the command line's keys) uses a key that
@@ -61,7 +65,19 @@ def migrate_config(stored: dict[str, Any]) -> dict[str, Any]:
     tau = _get(out, "loss.tau")
     if old_criterion == "kl" and tau is not _MISSING and _get(out, "batch_ops.pick_tau") is _MISSING:
         _set(out, "batch_ops.pick_tau", tau)
+    if _get(out, "data.policies") is _MISSING:
+        _rename_legacy_augs(out)
     return out
+
+
+def _rename_legacy_augs(out: dict[str, Any]) -> None:
+    """``aug`` / ``teachers[].aug`` of a config stored before the policies issue, under their legacy names, so the
+    run resumes (and ``hpckd eval --augmented`` evaluates) with the policy it was trained with."""
+    if out.get("aug") in LEGACY_AUG:
+        out["aug"] = LEGACY_AUG[out["aug"]]
+    for teacher in out.get("teachers") or []:
+        if isinstance(teacher, dict) and teacher.get("aug") in LEGACY_AUG:
+            teacher["aug"] = LEGACY_AUG[teacher["aug"]]
 
 
 def _get(tree: Any, dotted: str) -> Any:

@@ -17,6 +17,20 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass
+class SubsetConfig:
+    """Which part of the data set a run uses (validated and applied by :mod:`hpckd.data.subsets`; part of the data
+    fingerprint). Applied in this order: classes (train and val), then the D0/D1 split and few-shot (train)."""
+
+    classes: list[str] = field(default_factory=list)  # keep these classes (names), relabelled 0..k-1 in this order
+    num_classes: int = 0  # >0: keep the first k classes of the sorted class list (ImageNet-100 style by count)
+    split: str = "all"  # all | d0 | d1: the fidelity study's data recycling halves (Sec. 5.2)
+    split_fraction: float = 0.5  # share of the training set in d0
+    split_seed: int = 0  # which samples land in d0 (fixed, independent of the run's seed)
+    per_class: int = 0  # >0: few-shot, keep N training images per class (attention study App. A.8)
+    per_class_seed: int = 0  # which images a few-shot class keeps
+
+
+@dataclass
 class DataConfig:
     root: str = "data/synth"  # ImageFolder root holding train/ and val/ (one folder per class)
     family: str = "cifar"  # policy family: imagenet | cifar
@@ -29,7 +43,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # --- added with the data issue (see hpckd/data/datasets.py) ---
-    format: str = "folder"  # folder | cifar10 | cifar100 | wds (shards written by `hpckd data shard`)
+    format: str = "folder"  # folder | cifar10 | cifar100 | wds (shards written by `hpckd data shard`) | tinyimagenet
     train_list: Optional[str] = None  # folder: list file of `relative/path label` lines for train (ImageNet-LT)
     val_list: Optional[str] = None  # folder: list / label file for val (e.g. ImageNet val labels, ImageNet-LT)
     imbalance: float = 1.0  # >1: long-tailed train subset n_c = n_max * imb^(-c/(C-1)) (CIFAR-100-LT: 100)
@@ -37,6 +51,9 @@ class DataConfig:
     index_cache: str = "auto"  # auto (next to the data, else ~/.cache/hpckd) | off | a folder
     cifar_crop: str = "pad"  # cifar policies' random crop: pad (pad 4, crop) | rrc (RandomResizedCrop 0.2-1)
     dtype: str = "float32"  # images handed to the model: float32 | bfloat16 (train.precision=bf16) | float16 (fp16)
+    # --- added with the policies/subsets issue (see hpckd/data/aug.py, hpckd/data/subsets.py) ---
+    policies: dict[str, Any] = field(default_factory=dict)  # user policies: name -> spec; `aug: name` uses one
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
 
 
 @dataclass
@@ -45,6 +62,8 @@ class ModelConfig:
     weights: Optional[str] = None  # local state-dict or hpckd checkpoint to start from
     drop_head: bool = False  # load `weights` without the classifier (fine-tune to another class count)
     kwargs: dict[str, Any] = field(default_factory=dict)  # builder options, e.g. {norm: ln} for preresnets
+    init_from_teacher: Optional[str] = None  # checkpoint of a same-arch teacher: start at lambda theta_t + (1 - lambda) theta_r
+    init_lambda: float = 0.0  # fidelity study Fig. 6b's lambda in [0, 1] (with init_from_teacher)
 
 
 @dataclass
@@ -72,6 +91,7 @@ class OptimConfig:
     lr_reference_batch: int = 0  # >0: lr (and min_lr) are for this global batch, scaled linearly to data.batch_size
     accum_steps: int = 1  # gradient accumulation: data.batch_size is split into this many micro-batches per step
     clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
+    schedule_epochs: int = 0  # >0: the cosine spans this many epochs instead of optim.epochs (EffDstl code: 62 for 61)
 
 
 @dataclass
@@ -107,6 +127,10 @@ class ServingConfig:
     channels_last: bool = True  # channels_last inputs and weights on CUDA
     compile: bool = False  # torch.compile each teacher
     compile_backend: str = "inductor"  # torch.compile backend ("eager" checks the wiring without code generation)
+    # --- the logit store (hpckd/teachers/store.py, written by `hpckd teachers cache`) ---
+    mode: str = "inline"  # inline (run the teachers) | cached (read their logits from `store`)
+    store: Optional[str] = None  # cached: the store folder
+    store_epochs: str = "error"  # cached, epochs beyond the stored ones: error | cycle (epoch e reads e mod E)
 
 
 @dataclass
@@ -116,7 +140,8 @@ class EvaluatorOptions:
 
     Attributes:
         n_bins: ECE / reliability-diagram bins (15, Guo et al. 2017).
-        ece_weighting: ``"count"`` (attention study Eq. 13) or ``"uniform"`` (its public code).
+        ece_weighting: ``"count"`` (attention study Eq. 13), ``"uniform"`` (mean over the non-empty bins) or
+            ``"all_bins"`` (its public code: mean over all bins, an empty bin counting 0; with ``n_bins=10``).
         kl_direction: ``"teacher_student"`` = KL(p_t || p_s) (fidelity study Eq. 3) or ``"student_teacher"``
             (the attention study's code).
         kl_scale: factor on the reported KL (1; the attention study's code uses 10).
@@ -124,6 +149,10 @@ class EvaluatorOptions:
         mi_estimator: ``"split"`` (one joint histogram of the whole split; exact on any number of ranks) or
             ``"per_batch"`` (mean of per-``update`` estimates, the attention study's code; depends on batching,
             so it is rank-invariant only when every rank sees the same batches as 1 rank would).
+        fidelity_reduction: ``"sample"`` (fidelity study Eq. 2-3: means over samples) or ``"batch"`` (means of
+            per-batch means, the attention and fidelity studies' code; depends on batching).
+        mi_knn: also report ``mutual_information_knn``, the mean over batches of sklearn's nearest-neighbour
+            ``mutual_info_classif`` (the attention study's code's second estimator).
         topk: accuracies to report; k = 1 is always reported as ``accuracy``, k > 1 as ``accuracy_top{k}``.
         tstddev_group_size: if set, also report T. stddev over the teacher outputs with groups of this size
             (augmentation study: 640); needs teacher logits in loader order (see :class:`TStdDev`).
@@ -137,6 +166,8 @@ class EvaluatorOptions:
     kl_scale: float = 1.0
     kl_temperature: float = 1.0
     mi_estimator: str = "split"
+    fidelity_reduction: str = "sample"  # sample | batch (means of per-batch means, the studies' code)
+    mi_knn: bool = False  # also mutual_information_knn (sklearn mutual_info_classif per batch, the attention code)
     topk: tuple[int, ...] = (1, 5)
     tstddev_group_size: Optional[int] = None  # noqa: UP045 (OmegaConf needs Optional on 3.10)
     tstddev_unbiased: bool = True
@@ -151,6 +182,10 @@ class MetricsConfig(EvaluatorOptions):
     attention_iou: bool = True  # IoU of teacher 0's and teacher 1's class activation maps (attention study Eq. 1)
     cam_target: str = "predicted"  # predicted | true | sum (sum over classes: the attention study's code)
     cam_threshold: float = 0.4  # region = min-max normalised map >= threshold (0.4 in the attention study's code)
+    cam_iou_form: str = "paper"  # paper (normalise, upsample, >=) | code (upsample raw to input, normalise +1e-8, >)
+    cam_size: str = "map"  # map (the larger map size) | input (IoU at the input resolution; always for form=code)
+    vit_attention: str = "cls"  # ViT teachers' attention map: cls (last block's CLS row) | rollout (Abnar & Zuidema)
+    teacher_precision: str = "fp32"  # teachers in the evaluation pass: fp32 | bf16 (CUDA autocast; training keeps serving.amp)
 
 
 @dataclass

@@ -112,26 +112,42 @@ def stages(auto: str, ra_n: int) -> int:
     return ra_n if auto == "randaugment" else (2 if auto.startswith("autoaugment") else 1)
 
 
-def slots(auto: str, ra_n: int) -> int:
-    """Uniform draws one sample's program needs."""
+def slots(auto: str, ra_n: int, sample: bool = False) -> int:
+    """Uniform draws one sample's program needs (``sample``: RandAugment draws its op count and magnitudes)."""
     if auto == "randaugment":
-        return 2 * ra_n  # op, sign per stage
+        # op, sign per stage; then the op count and one magnitude per stage, after them so that a fixed-n program
+        # draws the same ops as before
+        return 2 * ra_n + (1 + ra_n if sample else 0)
     if auto.startswith("autoaugment"):
         return 1 + 2 * 2  # sub-policy; run?, sign per stage
     return 3  # op, bin, sign
 
 
-def draw_program(auto: str, u: np.ndarray, ra_n: int = 2, ra_m: int = 10) -> dict[str, np.ndarray]:
-    """Programs for a batch from uniforms ``u`` of shape (B, slots(auto, ra_n)): ops, mags (bins), signs (B, K)."""
+def draw_program(auto: str, u: np.ndarray, ra_n: int = 2, ra_m: int = 10, sample_n: bool = False,
+                 sample_m: bool = False, n_min: int = 1) -> dict[str, np.ndarray]:
+    """Programs for a batch from uniforms ``u`` of shape (B, slots(auto, ra_n, sample_n or sample_m)): ops, mags
+    (bins), signs (B, K).
+
+    RandAugment with ``sample_n`` runs a per-image number of ops uniform in {n_min..ra_n} (the stages after it
+    are identity) and with ``sample_m`` gives each op a magnitude bin uniform in {0..ra_m}: the attention study's
+    "a random number of transformation operations (up to 2) ... each with a randomly determined magnitude (up to
+    10)" (App. A.1)."""
     b = u.shape[0]
     suite = suite_of(auto)
     n_ops = len(suite.ops)
     if auto == "randaugment":
         if not 0 <= ra_m < suite.bins:
             raise ConfigError(f"RandAugment magnitude m={ra_m} must be in [0, {suite.bins - 1}]")
-        ops = np.minimum((u[:, 0::2] * n_ops).astype(np.int32), n_ops - 1)
+        ops = np.minimum((u[:, 0:2 * ra_n:2] * n_ops).astype(np.int32), n_ops - 1)
         mags = np.full((b, ra_n), ra_m, dtype=np.int32)
-        signs = (u[:, 1::2] < 0.5).astype(np.int32)
+        signs = (u[:, 1:2 * ra_n:2] < 0.5).astype(np.int32)
+        if sample_n or sample_m:
+            extra = u[:, 2 * ra_n:]
+            if sample_n:
+                count = n_min + np.minimum((extra[:, 0] * (ra_n - n_min + 1)).astype(np.int32), ra_n - n_min)
+                ops = np.where(np.arange(ra_n)[None, :] < count[:, None], ops, suite.index("identity")).astype(np.int32)
+            if sample_m:
+                mags = np.minimum((extra[:, 1:1 + ra_n] * (ra_m + 1)).astype(np.int32), ra_m)
     elif auto.startswith("autoaugment"):
         table = autoaugment_table("cifar" if auto == "autoaugment_cifar" else "imagenet")
         sub = np.minimum((u[:, 0] * len(table)).astype(np.int64), len(table) - 1)

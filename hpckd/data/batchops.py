@@ -1,8 +1,19 @@
 """Batch operations on the device, after the loader: Mixup, CutMix, CutMixPick pools, the study's doubled batch
 and the half-image split. Each records what it did on ``batch.aug`` so a logit store can replay it.
 
-Entry point: :func:`apply_batch_ops` with a :class:`BatchOpsConfig` (embed it in the experiment config) and a
-seeded ``torch.Generator``; all randomness comes from that generator.
+Entry point: :func:`apply_batch_ops` with a :class:`BatchOpsConfig` (embed it in the experiment config) and the
+source of its random draws: :class:`KeyedDraws` in training (world-size invariant, see below), or a seeded
+``torch.Generator`` (one group spanning the batch; unit tests).
+
+World-size invariance (what a logit store needs): the rows of a global micro-batch are cut into
+``batch_ops.mix_groups`` = G groups by global position modulo G (rank r of W holds positions r, r + W, ...; with
+G a multiple of W a group never straddles two ranks). Partners are drawn within a group, and a group's draws
+(partner permutation, lambdas, box centres) come from a generator keyed by (seed, epoch, op, first sample id of
+the group, run); per-sample follow-up parameters are counter-based uniforms keyed by (seed, epoch, scheme,
+sample id) (:mod:`hpckd.data.rand`). So the mixes of a sample are the same for every world size W dividing G and
+every rank, and a resumed run redraws them without state. ``aug["variant"]`` (N,) int64 names each output row
+for a logit store: 0 = the loader's view, 1 + j = made by run j of the op (CutMixPick pools have ``pick_pool``
+runs, their rows ``POOL_VARIANT + j`` while scored; the other ops one run).
 
 Formulas:
 
@@ -44,11 +55,13 @@ from hpckd.config.methods import BatchOpsConfig
 from hpckd.data.aug import DA_SCHEMES, followup_policy
 from hpckd.data.batch import STUDENT, Batch, LabelMix
 from hpckd.data.cutmixpick import CRITERIA, ORDERS, select
-from hpckd.data.params import n_slots, params_from_uniforms
+from hpckd.data.params import n_slots, params_from_uniforms, stream_id
+from hpckd.data.rand import uniforms
 from hpckd.data.render_torch import render, row
 from hpckd.errors import ConfigError
 
 SCHEMES = ("none",) + DA_SCHEMES
+POOL_VARIANT = 64  # aug["variant"] of CutMixPick pool row of run j: POOL_VARIANT + j (its kept rows: 1 + j)
 HALF_MODES = ("none", "crop", "mask")
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -68,6 +81,7 @@ def validated(cfg: BatchOpsConfig) -> BatchOpsConfig:
     if not 0.0 < cfg.pick_ratio <= 1.0:
         raise ConfigError(f"config: 'batch_ops.pick_ratio' is {cfg.pick_ratio}; keep a fraction in (0, 1] of the pool")
     at_least("batch_ops.pick_pool", cfg.pick_pool, 1, "the pool needs at least 1 CutMix run")
+    at_least("batch_ops.mix_groups", cfg.mix_groups, 1, "rows mix within groups of the global batch")
     positive("batch_ops.pick_tau", cfg.pick_tau, "a temperature")
     return cfg
 
@@ -104,6 +118,135 @@ def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Ge
     top, bottom = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
     left, right = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
     return torch.stack([top, left, bottom, right], dim=1).expand(n, 4).clone()
+
+
+class GroupRng:
+    """The draws of one mixing group, in a fixed order: permutation, lambdas, box centres."""
+
+    def permutation(self, m: int) -> np.ndarray: ...
+    def beta(self, alpha: float, size: int) -> np.ndarray: ...
+    def integers(self, high: int, size: int) -> np.ndarray: ...
+
+
+class _TorchGroupRng(GroupRng):
+    """A torch generator's stream, drawing exactly what the single-group code always drew (unit tests)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def permutation(self, m: int) -> np.ndarray:
+        return draw_partners(m, self.generator).numpy()
+
+    def beta(self, alpha: float, size: int) -> np.ndarray:
+        return _numpy_rng(self.generator).beta(alpha, alpha, size=size)
+
+    def integers(self, high: int, size: int) -> np.ndarray:
+        return torch.randint(0, high, (size,), generator=self.generator).numpy()
+
+
+class _NumpyGroupRng(GroupRng):
+    def __init__(self, key: list[int]) -> None:
+        self.rng = np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in key]))
+
+    def permutation(self, m: int) -> np.ndarray:
+        return self.rng.permutation(m)
+
+    def beta(self, alpha: float, size: int) -> np.ndarray:
+        return self.rng.beta(alpha, alpha, size=size)
+
+    def integers(self, high: int, size: int) -> np.ndarray:
+        return self.rng.integers(0, high, size=size)
+
+
+class Draws:
+    """Where the batch ops' randomness comes from: the mixing groups of a batch and their generators."""
+
+    def groups(self, n: int) -> list[np.ndarray]:
+        """Rows of each mixing group (ascending), covering 0..n-1."""
+        raise NotImplementedError
+
+    def group_rng(self, op: str, ids: np.ndarray, run: int) -> GroupRng:
+        """The generator of the group whose sample ids (in row order) are ``ids``, for run ``run`` of ``op``."""
+        raise NotImplementedError
+
+    def uniforms(self, op: str, ids: np.ndarray, slots: int) -> np.ndarray:
+        """(len(ids), slots) uniforms of per-sample parameters."""
+        raise NotImplementedError
+
+
+class GeneratorDraws(Draws):
+    """One group spanning the batch, every draw from one torch generator (in the order of the original code)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.rng = _TorchGroupRng(generator)
+
+    def groups(self, n: int) -> list[np.ndarray]:
+        return [np.arange(n)]
+
+    def group_rng(self, op: str, ids: np.ndarray, run: int) -> GroupRng:
+        return self.rng
+
+    def uniforms(self, op: str, ids: np.ndarray, slots: int) -> np.ndarray:
+        return torch.rand((len(ids), slots), generator=self.rng.generator, dtype=torch.float64).numpy()
+
+
+class KeyedDraws(Draws):
+    """World-size-invariant draws (see the module docstring): rank ``rank`` of ``world`` holds the global
+    positions ``rank + world * i`` of each micro-batch; group = position mod ``groups`` (``world`` divides it)."""
+
+    def __init__(self, seed: int, epoch: int, rank: int = 0, world: int = 1, groups: int = 8) -> None:
+        check_mix_groups(groups, world)
+        self.seed, self.epoch, self.rank, self.world, self.n_groups = int(seed), int(epoch), rank, world, groups
+
+    def groups(self, n: int) -> list[np.ndarray]:
+        residue = (self.rank + self.world * np.arange(n)) % self.n_groups
+        return [np.flatnonzero(residue == g) for g in np.unique(residue)]
+
+    def group_rng(self, op: str, ids: np.ndarray, run: int) -> GroupRng:
+        return _NumpyGroupRng([self.seed, self.epoch, stream_id(f"batch_ops.{op}"), int(ids[0]), run])
+
+    def uniforms(self, op: str, ids: np.ndarray, slots: int) -> np.ndarray:
+        return uniforms((self.seed, self.epoch, stream_id(f"batch_ops.{op}")), np.asarray(ids, np.int64), slots)
+
+
+def check_mix_groups(groups: int, world: int) -> None:
+    """One line when the mixing groups would straddle ranks (``world`` must divide ``batch_ops.mix_groups``)."""
+    if groups % world:
+        raise ConfigError(f"config: 'batch_ops.mix_groups' is {groups}, not a multiple of the world size {world}; "
+                          f"use a multiple of {world} (e.g. {world * max(1, -(-groups // world))})")
+
+
+def as_draws(source: torch.Generator | Draws) -> Draws:
+    return source if isinstance(source, Draws) else GeneratorDraws(source)
+
+
+def draw_mix(n: int, ids: np.ndarray, draws: Draws, op: str, alpha: float, per_sample: bool, run: int = 0,
+             hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Partner rows (n,), lambdas (n,) and, for CutMix (``hw`` given), boxes (n, 4), drawn group by group: a
+    partner is a random row of the same group; one lambda (and box size) per group unless ``per_sample``."""
+    partner = torch.arange(n)
+    lam = torch.ones(n, dtype=torch.float32)
+    boxes = torch.zeros((n, 4), dtype=torch.int64) if hw is not None else None
+    for rows in draws.groups(n):
+        m = len(rows)
+        rng = draws.group_rng(op, ids[rows], run)
+        members = torch.as_tensor(rows, dtype=torch.int64)
+        partner[members] = members[torch.as_tensor(rng.permutation(m), dtype=torch.int64)]
+        drawn = rng.beta(alpha, m if per_sample else 1)
+        lam[members] = torch.as_tensor(np.broadcast_to(drawn, (m,)).copy(), dtype=torch.float32)
+        if hw is not None:
+            k = m if per_sample else 1
+            h, w = hw
+            ratio = torch.sqrt(1.0 - lam[members][:k].double())
+            cut_h, cut_w = (h * ratio).long(), (w * ratio).long()
+            cy = torch.as_tensor(rng.integers(h, k), dtype=torch.int64)
+            cx = torch.as_tensor(rng.integers(w, k), dtype=torch.int64)
+            top, bottom = (cy - cut_h // 2).clamp(0, h), (cy + cut_h // 2).clamp(0, h)
+            left, right = (cx - cut_w // 2).clamp(0, w), (cx + cut_w // 2).clamp(0, w)
+            boxes[members] = torch.stack([top, left, bottom, right], dim=1).expand(m, 4)
+    if hw is not None:
+        lam = box_lambda(boxes, *hw)
+    return partner, lam, boxes
 
 
 def box_lambda(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -157,34 +300,39 @@ def followup(x: torch.Tensor, scheme: str, params: dict[str, np.ndarray], family
     return torch.stack(out).to(x.dtype)
 
 
-def draw_followup(n: int, scheme: str, family: str, size: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+def draw_followup(ids: np.ndarray, scheme: str, family: str, size: int, draws: Draws) -> dict[str, np.ndarray]:
     if scheme == "identity":
         return {}
     policy = followup_policy(scheme, family, size)
-    u = torch.rand((n, n_slots(policy)), generator=generator, dtype=torch.float64).numpy()
+    u = draws.uniforms(scheme, ids, n_slots(policy))
     return params_from_uniforms(policy, u, np.array([[size, size]]))
 
 
 # ------------------------------------------------------------------------------------------- batch assembly
 
 
-def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, doubled: bool) -> Batch:
-    """The batch with x' rows (``extra`` per view, made from rows ``source``) appended or substituted."""
+def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, doubled: bool,
+            variant: torch.Tensor | None = None) -> Batch:
+    """The batch with x' rows (``extra`` per view, made from rows ``source``; ``variant`` of each, default 1)
+    appended or substituted."""
     dev = batch.labels.device
+    variant = torch.ones(int(source.numel()), dtype=torch.int64) if variant is None else variant.cpu()
     src = source.to(dev)
     labels, index = batch.labels[src], batch.index[src]
     valid = None if batch.valid is None else batch.valid[src]
     # The rows change, so a mixed-label record of the input no longer lines up; the mixing op sets its own.
     if not doubled:
         marker = None if batch.doubled is None else batch.doubled[src]
-        return batch.replace(views=extra, labels=labels, index=index, aug=dict(batch.aug), valid=valid,
-                             doubled=marker, label_mix=None)
+        return batch.replace(views=extra, labels=labels, index=index, aug={**batch.aug, "variant": variant},
+                             valid=valid, doubled=marker, label_mix=None)
     n, m = batch.size, int(src.numel())
     views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
     marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
     marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
+    before = batch.aug.get("variant", torch.zeros(n, dtype=torch.int64))
     return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
-                         aug=dict(batch.aug), valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
+                         aug={**batch.aug, "variant": torch.cat([before, variant])},
+                         valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
                          doubled=marker, label_mix=None)
 
 
@@ -207,10 +355,9 @@ def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict
     return {k: fn(v) for k, v in batch.views.items()}
 
 
-def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -> Batch:
+def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws) -> Batch:
     n = batch.size
-    partner = draw_partners(n, generator)
-    lam = draw_lambda(n, cfg.mixup_alpha, generator, cfg.lam_per_sample)
+    partner, lam, _ = draw_mix(n, _ids(batch), as_draws(generator), "mixup", cfg.mixup_alpha, cfg.lam_per_sample)
     extra = _mix_views(batch, lambda x: mixup(x, partner, lam))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["mixup"] = _record(batch, torch.arange(n), partner, lam)
@@ -218,10 +365,10 @@ def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -
     return out
 
 
-def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) -> Batch:
+def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws) -> Batch:
     n = batch.size
     h, w = batch.views[STUDENT].shape[-2:]
-    partner, boxes, lam = _draw_cutmix(n, h, w, cfg, generator)
+    partner, boxes, lam = _draw_cutmix(batch, h, w, cfg, as_draws(generator), "cutmix", 0)
     extra = _mix_views(batch, lambda x: cutmix(x, partner, boxes))
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug["cutmix"] = _record(batch, torch.arange(n), partner, lam, boxes)
@@ -229,14 +376,18 @@ def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator) 
     return out
 
 
-def _draw_cutmix(n: int, h: int, w: int, cfg: BatchOpsConfig, generator: torch.Generator):
-    partner = draw_partners(n, generator)
-    drawn = draw_lambda(n, cfg.cutmix_alpha, generator, cfg.lam_per_sample)
-    boxes = cutmix_boxes(drawn, h, w, generator, cfg.lam_per_sample)
-    return partner, boxes, box_lambda(boxes, h, w)
+def _ids(batch: Batch) -> np.ndarray:
+    return batch.index.detach().cpu().numpy().astype(np.int64)
 
 
-def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig, generator: torch.Generator) -> tuple[Batch, dict]:
+def _draw_cutmix(batch: Batch, h: int, w: int, cfg: BatchOpsConfig, draws: Draws, op: str, run: int):
+    partner, lam, boxes = draw_mix(batch.size, _ids(batch), draws, op, cfg.cutmix_alpha, cfg.lam_per_sample, run,
+                                   (int(h), int(w)))
+    return partner, boxes, lam
+
+
+def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig,
+                generator: torch.Generator | Draws) -> tuple[Batch, dict]:
     """k CutMix runs of the batch stacked into a pool of k*B samples (CutMixPick's candidates).
 
     The pool is a :class:`Batch` (views, source labels and ids) ready for scoring; the dict records each pool
@@ -244,8 +395,9 @@ def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig, generator: torch.G
     n = batch.size
     h, w = batch.views[STUDENT].shape[-2:]
     parts, sources, partners, boxes_all, lams = [], [], [], [], []
-    for _ in range(runs):
-        partner, boxes, lam = _draw_cutmix(n, h, w, cfg, generator)
+    draws = as_draws(generator)
+    for run in range(runs):
+        partner, boxes, lam = _draw_cutmix(batch, h, w, cfg, draws, "cutmix_pick", run)
         parts.append(_mix_views(batch, lambda x, p=partner, b=boxes: cutmix(x, p, b)))
         sources.append(torch.arange(n))
         partners.append(partner)
@@ -254,37 +406,57 @@ def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig, generator: torch.G
     source = torch.cat(sources)
     views = {k: torch.cat([p[k] for p in parts]) for k in batch.views}
     src = source.to(batch.labels.device)
-    pool = batch.replace(views=views, labels=batch.labels[src], index=batch.index[src], aug={},
+    variant = (POOL_VARIANT + torch.arange(runs)).repeat_interleave(n)
+    pool = batch.replace(views=views, labels=batch.labels[src], index=batch.index[src], aug={"variant": variant},
                          valid=None if batch.valid is None else batch.valid[src], doubled=None, label_mix=None)
-    record = {"source": source, "partner": torch.cat(partners), "lam": torch.cat(lams), "box": torch.cat(boxes_all)}
+    record = {"source": source, "partner": torch.cat(partners), "lam": torch.cat(lams), "box": torch.cat(boxes_all),
+              "variant": variant}
     return pool, record
 
 
-def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, scorer: Scorer | None) -> Batch:
+def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws,
+                      scorer: Scorer | None) -> Batch:
     """CutMixPick: a pool of ``cfg.pick_pool`` CutMix runs, scored by ``scorer`` (teacher and, when
     :func:`~hpckd.data.cutmixpick.needs_student`, student logits on the pool), rows kept by
     :func:`hpckd.data.cutmixpick.select`."""
     if scorer is None:
         raise ConfigError("batch op cutmix_pick needs a scorer (teacher logits on the pool, and the student's for "
                           f"batch_ops.pick_criterion={cfg.pick_criterion}): distil from at least one teacher")
-    pool, record = cutmix_pool(batch, int(cfg.pick_pool), cfg, generator)
+    draws = as_draws(generator)
+    pool, record = cutmix_pool(batch, int(cfg.pick_pool), cfg, draws)
     with torch.no_grad():
         teacher_logits, student_logits = scorer(pool)
-    keep = select(teacher_logits, student_logits, cfg).cpu()
+    keep = _select_per_group(teacher_logits, student_logits, cfg, draws.groups(batch.size), batch.size)
     extra = {k: v[keep.to(v.device)] for k, v in pool.views.items()}
-    out = _append(batch, extra, record["source"][keep], cfg.doubled)
+    out = _append(batch, extra, record["source"][keep], cfg.doubled, record["variant"][keep] - POOL_VARIANT + 1)
     out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
                                      record["box"][keep], pick=keep)
     out.label_mix = mixed_labels(out, batch, out.aug["cutmix_pick"], cfg.doubled)
     return out
 
 
-def apply_followup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, family: str,
+def _select_per_group(teacher: torch.Tensor | None, student: torch.Tensor | None, cfg: BatchOpsConfig,
+                      groups: list[np.ndarray], n: int) -> torch.Tensor:
+    """CutMixPick's selection within each mixing group (pool row ``run * n + i`` belongs to row i's group), so
+    what is kept does not depend on the other groups, i.e. on the world size."""
+    if len(groups) == 1:
+        return select(teacher, student, cfg).cpu()
+    runs = int(cfg.pick_pool)
+    keep = []
+    for rows in groups:
+        pool_rows = torch.as_tensor((np.arange(runs)[:, None] * n + rows[None, :]).reshape(-1), dtype=torch.int64)
+        part = select(None if teacher is None else teacher[pool_rows.to(teacher.device)],
+                      None if student is None else student[pool_rows.to(student.device)], cfg).cpu()
+        keep.append(pool_rows[part])
+    return torch.cat(keep)
+
+
+def apply_followup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws, family: str,
                    mean: Sequence[float], std: Sequence[float]) -> Batch:
     """A per-sample scheme (identity, flip, flip_crop, cutout, autoaugment, randaugment) applied after x."""
     n = batch.size
     size = batch.views[STUDENT].shape[-1]
-    params = draw_followup(n, cfg.scheme, family, size, generator)
+    params = draw_followup(_ids(batch), cfg.scheme, family, size, as_draws(generator))
     extra = {k: followup(v, cfg.scheme, params, family, mean, std) for k, v in batch.views.items()}
     out = _append(batch, extra, torch.arange(n), cfg.doubled)
     out.aug[cfg.scheme] = {"source": torch.arange(n), "params": {k: torch.as_tensor(v) for k, v in params.items()}}
@@ -324,13 +496,14 @@ def _record(batch: Batch, source: torch.Tensor, partner: torch.Tensor, lam: torc
     return rec
 
 
-def apply_batch_ops(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator, *, family: str = "cifar",
+def apply_batch_ops(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws, *, family: str = "cifar",
                     mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                     scorer: Scorer | None = None) -> Batch:
     """Apply the configured scheme (doubling the batch unless ``cfg.doubled`` is False), then the half split.
 
     ``family``, ``mean`` and ``std`` are the data config's (follow-up policies undo the normalisation to work on
-    pixels); ``scorer`` is needed by ``cutmix_pick`` only."""
+    pixels); ``scorer`` is needed by ``cutmix_pick`` only. ``generator``: :class:`KeyedDraws` (training) or a
+    torch generator (one group spanning the batch)."""
     cfg = validated(cfg if isinstance(cfg, BatchOpsConfig) else BatchOpsConfig(**dict(cfg)))
     if cfg.scheme == "mixup":
         batch = apply_mixup(batch, cfg, generator)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from hpckd.config.checks import at_least, choose, positive
-from hpckd.data.aug import CIFAR_CROPS, FAMILIES, POLICY_NAMES
+from hpckd.data.aug import CIFAR_CROPS, FAMILIES, POLICY_NAMES, check_policies
 from hpckd.data.batch import IMAGE_DTYPES
 from hpckd.data.datasets import FORMATS
+from hpckd.data.subsets import check_subset
 from hpckd.errors import ConfigError
 
 LOADERS = ("dali", "torch")
@@ -24,10 +25,15 @@ def check_data_section(cfg: Any) -> None:
     choose("data.format", data.format, FORMATS)
     choose("data.cifar_crop", data.cifar_crop, CIFAR_CROPS)
     choose("data.dtype", data.dtype, tuple(IMAGE_DTYPES))
-    choose("aug", cfg.aug, POLICY_NAMES)
-    for i, teacher in enumerate(cfg.get("teachers") or []):
-        if teacher.aug is not None:
-            choose(f"teachers[{i}].aug", teacher.aug, POLICY_NAMES)
+    policies = dict(getattr(data, "policies", None) or {})
+    check_policies(policies, data.family, data.image_size, data.cifar_crop)
+    names = POLICY_NAMES + tuple(str(k) for k in policies)
+    used = [("aug", cfg.aug)] + [(f"teachers[{i}].aug", t.aug) for i, t in enumerate(cfg.get("teachers") or [])
+                                 if t.aug is not None]
+    for key, name in used:
+        choose(key, name, names)
+    if getattr(data, "subset", None) is not None:
+        check_subset(data.subset)
     for key in ("image_size", "batch_size", "eval_batch_size"):
         at_least(f"data.{key}", data[key], 1)
     at_least("data.num_workers", data.num_workers, 1 if data.loader == "dali" else 0,

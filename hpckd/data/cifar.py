@@ -21,6 +21,7 @@ import numpy as np
 
 from hpckd.data.sources import ArraySource
 from hpckd.data.index import LabelledIndex
+from hpckd.data.subsets import mix
 from hpckd.errors import DataError
 
 LAYOUT = {
@@ -41,7 +42,8 @@ class ArrayIndex(LabelledIndex):
     labels: list[int]
     files_hash: str  # hash of the batch files' names, sizes and mtimes
     skipped: list[str] = field(default_factory=list)
-    subset: np.ndarray | None = None  # positions kept from the full split (long-tailed subsets)
+    subset: np.ndarray | None = None  # positions kept from the full split (long-tailed subsets, data.subset)
+    subset_tag: str = ""  # data.subset that produced this index (mixed into the fingerprint)
 
     @property
     def source(self) -> ArraySource:
@@ -51,14 +53,14 @@ class ArrayIndex(LabelledIndex):
         digest = hashlib.sha256(self.files_hash.encode())
         if self.subset is not None:
             digest.update(np.ascontiguousarray(self.subset, dtype=np.int64).tobytes())
-        return digest.hexdigest()[:16]
+        return mix(digest.hexdigest()[:16], self.subset_tag)
 
     def select(self, positions: np.ndarray) -> "ArrayIndex":
         """The subset at ``positions`` (global sample ids are renumbered 0..len-1; ``subset`` keeps the originals)."""
         positions = np.asarray(positions, dtype=np.int64)
         base = positions if self.subset is None else self.subset[positions]
         return ArrayIndex(self.root, self.classes, self.images[positions], [self.labels[i] for i in positions],
-                          self.files_hash, list(self.skipped), base)
+                          self.files_hash, list(self.skipped), base, self.subset_tag)
 
 
 def batch_folder(root: str | Path, which: str) -> Path:

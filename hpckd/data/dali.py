@@ -10,9 +10,11 @@ policy part    DALI op fed with the recorded parameter
 =============  ===============================================================================================
 rrc            ``fn.resize`` with ``roi_start``/``roi_end`` = the crop window (crop + resize in one pass)
 pad_crop       ``fn.resize`` to size, ``fn.slice`` at the offset with zero padding out of bounds
-flip           ``fn.flip(horizontal=flag)``
+flip           ``fn.flip(horizontal=flag)``, ``fn.flip(vertical=flag)``
 rotate         ``fn.rotate(angle=...)``
 jitter         ``fn.brightness_contrast`` about the grey mean (PIL's contrast), ``fn.saturation``
+grayscale      ``fn.saturation`` with factor 0 (grey) or 1
+hue            torchvision's RGB -> HSV -> RGB in DALI arithmetic (``fn.hue`` rotates in YIQ: not the same op)
 auto           ``nvidia.dali.auto_aug.core.select`` over the suite with the recorded op id, magnitude bin and sign
 cutout         ``fn.erase(anchor=...)``
 =============  ===============================================================================================
@@ -88,12 +90,19 @@ def param_fields(policy: Policy) -> list[str]:
         fields.append("flip")
     if policy.rotate > 0:
         fields.append("angle")
-    if policy.jitter > 0:
+    if policy.has_jitter:
         fields.append("jitter")
     if policy.auto:
         fields += ["ops", "mags", "signs"]
     if policy.cutout > 0:
         fields.append("erase")
+    # added later; kept after the others so that the earlier policies' outputs keep their order
+    if policy.vflip:
+        fields.append("vflip")
+    if policy.hue > 0:
+        fields.append("hue")
+    if policy.grayscale > 0:
+        fields.append("gray")
     return fields
 
 
@@ -151,6 +160,50 @@ def _jitter(images, factors, gpu: bool):
     return fn.saturation(images, saturation=factors[2])
 
 
+def _hue(images, shift, gpu: bool):
+    """torchvision's ``adjust_hue`` (RGB -> HSV, rotate the hue by ``shift`` turns, HSV -> RGB, PIL's formulas) in
+    DALI arithmetic, on HWC uint8 images. DALI's own ``fn.hue`` rotates in YIQ space, which differs from
+    torchvision's ColorJitter by several grey levels on real photographs (the fidelity study uses ColorJitter's
+    hue, App. A.1), so it is not used."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    def as_float(mask):
+        return fn.cast(mask, dtype=types.FLOAT)
+
+    x = fn.cast(images, dtype=types.FLOAT) / 255.0
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    maxc = dmath.max(dmath.max(r, g), b)
+    minc = dmath.min(dmath.min(r, g), b)
+    eqc = as_float(maxc == minc)
+    spread = maxc - minc
+    sat = spread / (maxc + eqc * (1.0 - maxc))  # a grey pixel: spread 0, any non-zero divisor
+    rc, gc, bc = ((maxc - c) / (spread + eqc) for c in (r, g, b))
+    is_r = as_float(maxc == r)
+    is_g = as_float(maxc == g) * (1.0 - is_r)
+    is_b = (1.0 - is_r) * (1.0 - as_float(maxc == g))
+    h = ((bc - gc) * is_r + (2.0 + rc - bc) * is_g + (4.0 + gc - rc) * is_b) / 6.0 + 1.0
+    h = h + (shift.gpu() if gpu else shift)
+    h = h - dmath.floor(h)
+    h6 = h * 6.0
+    sector = dmath.floor(h6)
+    f = h6 - sector
+    sector = sector - 6.0 * dmath.floor(sector / 6.0)
+    v = maxc
+    p_ = dmath.clamp((1.0 - sat) * v, 0.0, 1.0)
+    q = dmath.clamp((1.0 - sat * f) * v, 0.0, 1.0)
+    t = dmath.clamp((sat * f + 1.0 - sat) * v, 0.0, 1.0)
+    m = [as_float(sector == float(k)) for k in range(6)]
+    # which of (v, p, q, t) each channel takes in each of the 6 sectors (torchvision's table)
+    red = m[0] * v + m[1] * q + m[2] * p_ + m[3] * p_ + m[4] * t + m[5] * v
+    green = m[0] * t + m[1] * v + m[2] * v + m[3] * q + m[4] * p_ + m[5] * p_
+    blue = m[0] * p_ + m[1] * p_ + m[2] * t + m[3] * v + m[4] * v + m[5] * q
+    rgb = fn.stack(red, green, blue, axis=2)
+    # torchvision's float -> uint8: floor(x * (256 - 1e-3))
+    out = fn.cast(dmath.floor(rgb * (256.0 - 1e-3)), dtype=types.UINT8)
+    return fn.reshape(out, layout="HWC")
+
+
 def apply_policy(images, policy: Policy, p: dict, mean: Sequence[float], std: Sequence[float]):
     """DALI graph of ``policy`` on decoded HWC uint8 ``images`` with parameter nodes ``p``; normalised CHW float."""
     from nvidia.dali import fn, types
@@ -175,10 +228,16 @@ def apply_policy(images, policy: Policy, p: dict, mean: Sequence[float], std: Se
         images = fn.crop(images, crop=crop)
     if policy.flip:
         images = fn.flip(images, horizontal=p["flip"])
+    if policy.vflip:
+        images = fn.flip(images, horizontal=0, vertical=p["vflip"])
     if policy.rotate > 0:
         images = fn.rotate(images, angle=p["angle"], keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
-    if policy.jitter > 0:
+    if policy.has_jitter:
         images = _jitter(images, p["jitter"], gpu=images.device == "gpu")
+    if policy.hue > 0:
+        images = _hue(images, p["hue"], gpu=images.device == "gpu")
+    if policy.grayscale > 0:
+        images = fn.saturation(images, saturation=p["gray"])  # factor 0 = grey (ITU-R 601 luma), 1 = unchanged
     if policy.auto:
         images = _auto_program(images, policy, p)
     if policy.cutout > 0:
@@ -196,7 +255,7 @@ def _auto_program(images, policy: Policy, p: dict):
     size = [policy.size, policy.size]
     for k in range(autoaug.stages(policy.auto, policy.ra_n)):
         sign = p["signs"][k]
-        if policy.auto == "randaugment":
+        if policy.auto == "randaugment" and not policy.ra_sample_m:
             # The bin is the constant m: an int bin keeps DALI's magnitude table at 2 entries per op instead of
             # 2 * bins, which makes building the graph several times faster.
             images = select(list(suite), p["ops"][k], data=images, num_magnitude_bins=bins, fill_value=0, shape=size,

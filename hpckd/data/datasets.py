@@ -13,7 +13,12 @@ folder      ``train/<class>/<img>`` and ``val/<class>/<img>``; or list files (``
 cifar10     the official python batches (``cifar-10-batches-py/``), see :mod:`hpckd.data.cifar`
 cifar100    ``cifar-100-python/``
 wds         ``train/`` and ``val/`` written by ``hpckd data shard`` (:mod:`hpckd.data.wds`)
+tinyimagenet  Tiny ImageNet as unpacked: ``train/<wnid>/images/*.JPEG``, ``val/images/*.JPEG`` labelled by
+            ``val/val_annotations.txt`` (:func:`hpckd.data.index.build_tiny_imagenet`)
 ==========  ==========================================================================================
+
+``data.subset`` keeps a class subset, the fidelity study's D0/D1 half or a few-shot subset, for every format
+alike (:mod:`hpckd.data.subsets`); the subset is part of the fingerprint.
 
 ``data.imbalance`` > 1 keeps the long-tailed subset of the training split (exponential profile,
 :mod:`hpckd.data.longtail`; CIFAR-100-LT: ``imbalance: 100``); validation stays balanced.
@@ -25,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from hpckd.data.cifar import load_cifar
-from hpckd.data.index import build_index, build_list_index, read_list_file
+from hpckd.data.index import build_index, build_list_index, build_tiny_imagenet, read_list_file
 from hpckd.data.longtail import long_tail_positions
+from hpckd.data.subsets import apply_classes, apply_train_subset, is_full, tag
 from hpckd.data.wds import load_wds
 from hpckd.errors import DataError
 
-FORMATS = ("folder", "cifar10", "cifar100", "wds")
+FORMATS = ("folder", "cifar10", "cifar100", "wds", "tinyimagenet")
 
 
 def _get(data: Any, name: str, default: Any) -> Any:
@@ -52,17 +58,24 @@ def load_splits(data: Any) -> tuple[Any, Any]:
                else build_index(root / "val", bad, classes=train.classes, cache=cache))
     elif fmt in ("cifar10", "cifar100"):
         train, val = load_cifar(root, fmt, "train"), load_cifar(root, fmt, "val")
+    elif fmt == "tinyimagenet":
+        train = build_tiny_imagenet(root, "train", bad)
+        val = build_tiny_imagenet(root, "val", bad, classes=train.classes)
     elif fmt == "wds":
         train, val = load_wds(root / "train"), load_wds(root / "val")
         if val.classes != train.classes:
             raise DataError(f"{root}: the val shards' classes differ from the train shards'")
     else:
         raise DataError(f"unknown data.format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    subset = _get(data, "subset", None)
+    if subset is not None:
+        train, val = apply_classes(train, val, subset)
     imbalance = float(_get(data, "imbalance", 1.0))
     if imbalance > 1.0:
-        if not hasattr(train, "select"):
-            raise DataError(f"data.imbalance needs a folder or CIFAR training split, not {fmt}")
         train = train.select(long_tail_positions(train.labels, train.num_classes, imbalance, _get(data, "lt_seed", 0)))
+    if subset is not None and not is_full(subset):
+        train = apply_train_subset(train, subset).tagged(tag(subset))
+        val = val.tagged(tag(subset, "val"))
     return train, val
 
 

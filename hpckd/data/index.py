@@ -21,6 +21,7 @@ the options match.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -31,6 +32,7 @@ from PIL import Image
 
 from hpckd.data import index_cache
 from hpckd.data.sources import FileSource
+from hpckd.data.subsets import mix
 from hpckd.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -54,6 +56,14 @@ class LabelledIndex:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def relabel(self, classes: list[str], labels: list[int]) -> "LabelledIndex":
+        """The same samples with a new class list (a class subset, :mod:`hpckd.data.subsets`)."""
+        return dataclasses.replace(self, classes=list(classes), labels=list(labels))  # type: ignore[type-var]
+
+    def tagged(self, subset_tag: str) -> "LabelledIndex":
+        """The same index whose fingerprint also names the subset it is (:func:`hpckd.data.subsets.tag`)."""
+        return dataclasses.replace(self, subset_tag=subset_tag)  # type: ignore[type-var]
+
 
 @dataclass
 class FolderIndex(LabelledIndex):
@@ -64,6 +74,7 @@ class FolderIndex(LabelledIndex):
     skipped: list[str] = field(default_factory=list)  # "path: problem" of what on_bad_image="skip" dropped
     stats: list[tuple[int, int]] | None = None  # (size, mtime_ns) per file when indexed; None = stat on demand
     _fingerprint: str | None = field(default=None, repr=False)
+    subset_tag: str = ""  # data.subset that produced this index (mixed into the fingerprint)
 
     @property
     def source(self) -> FileSource:
@@ -78,7 +89,7 @@ class FolderIndex(LabelledIndex):
                 rel = os.path.relpath(path, self.root).replace(os.sep, "/")
                 digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
             self._fingerprint = digest.hexdigest()[:16]
-        return self._fingerprint
+        return mix(self._fingerprint, self.subset_tag)
 
 
     def select(self, positions) -> "FolderIndex":
@@ -86,7 +97,7 @@ class FolderIndex(LabelledIndex):
         positions = [int(i) for i in positions]
         stats = None if self.stats is None else [self.stats[i] for i in positions]
         return FolderIndex(self.root, self.classes, [self.files[i] for i in positions],
-                           [self.labels[i] for i in positions], list(self.skipped), stats)
+                           [self.labels[i] for i in positions], list(self.skipped), stats, subset_tag=self.subset_tag)
 
 
 def file_stat(path: str) -> tuple[int, int]:
@@ -192,7 +203,9 @@ def read_list_file(list_file: str | Path) -> list[tuple[str, str]]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        parts = text.rsplit(None, 1)
+        # Tab-separated lines (Tiny ImageNet's val_annotations.txt: file, wnid, box) name the file and the label
+        # in their first two fields; space-separated ones (ImageNet-LT) end with the label (paths may hold spaces).
+        parts = text.split("\t")[:2] if "\t" in text else text.rsplit(None, 1)
         if len(parts) != 2:
             raise DataError(f"{list_file}:{number}: expected 'relative/path label', got {text!r}")
         pairs.append((parts[0], parts[1]))
@@ -212,7 +225,15 @@ def build_list_index(root: str | Path, list_file: str | Path, on_bad_image: str 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    pairs = read_list_file(list_file)
+    return build_pairs_index(root, read_list_file(list_file), str(list_file), on_bad_image, classes, num_classes)
+
+
+def build_pairs_index(root: str | Path, pairs: list[tuple[str, str]], list_file: str, on_bad_image: str = "error",
+                      classes: list[str] | None = None, num_classes: int | None = None) -> FolderIndex:
+    """Index ``(relative path, label token)`` pairs under ``root`` (see :func:`build_list_index`); ``list_file``
+    names where the pairs came from in errors."""
+    check_choice(on_bad_image)
+    root = Path(root)
     lookup = {name: i for i, name in enumerate(classes)} if classes is not None else {}
     files: list[str] = []
     labels: list[int] = []
@@ -275,3 +296,24 @@ def check_image(path: Path) -> str | None:
     if mode not in ("RGB", "L", "CMYK", "RGBA", "P", "LA", "I;16", "I"):
         return f"unsupported colour mode {mode}"
     return None
+
+
+def build_tiny_imagenet(root: str | Path, split: str, on_bad_image: str = "error",
+                        classes: list[str] | None = None) -> FolderIndex:
+    """Tiny ImageNet (200 classes, 64 px) as its archive unpacks: ``train/<wnid>/images/<wnid>_<k>.JPEG`` and
+    ``val/images/val_<k>.JPEG`` labelled by ``val/val_annotations.txt`` (tab-separated: file, wnid, box). Classes
+    are the sorted training wnids (what an ImageFolder of the reorganised data gives); val uses train's."""
+    root = Path(root)
+    if split == "train":
+        folder = root / "train"
+        if not folder.is_dir():
+            raise DataError(f"Tiny ImageNet train folder not found: {folder} (expected train/<wnid>/images/)")
+        wnids = sorted(p.name for p in folder.iterdir() if (p / "images").is_dir())
+        if not wnids:
+            raise DataError(f"no train/<wnid>/images/ folders in {root} (is this Tiny ImageNet's layout?)")
+        pairs = [(f"{w}/images/{f.name}", w) for w in wnids
+                 for f in sorted((folder / w / "images").iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        return build_pairs_index(folder, pairs, str(folder), on_bad_image, classes=wnids)
+    annotations = root / "val" / "val_annotations.txt"
+    pairs = [(f"images/{rel}", label) for rel, label in read_list_file(annotations)]
+    return build_pairs_index(root / "val", pairs, str(annotations), on_bad_image, classes=classes)

@@ -29,7 +29,13 @@ class Loaders:
 def student_policy(cfg: Any) -> Policy:
     """The training policy of the model being trained (``aug``, with the data section's crop choice)."""
     data = cfg.data
-    return train_policy(data.family, cfg.aug, data.image_size, data.cifar_crop)
+    return train_policy(data.family, cfg.aug, data.image_size, data.cifar_crop, user_policies(cfg))
+
+
+def user_policies(cfg: Any) -> dict[str, Any]:
+    """The policies written in the config (``data.policies``; configs that predate it have none)."""
+    policies = getattr(cfg.data, "policies", None)
+    return dict(policies) if policies else {}
 
 
 def view_policies(cfg: Any, teacher_augs: Sequence[str | None] = ()) -> dict[str, Policy]:
@@ -38,7 +44,7 @@ def view_policies(cfg: Any, teacher_augs: Sequence[str | None] = ()) -> dict[str
     views = {STUDENT: student_policy(cfg)}
     for k, aug in enumerate(teacher_augs):
         if aug is not None:
-            views[f"teacher{k}"] = train_policy(data.family, aug, data.image_size, data.cifar_crop)
+            views[f"teacher{k}"] = train_policy(data.family, aug, data.image_size, data.cifar_crop, user_policies(cfg))
     return views
 
 

@@ -25,7 +25,13 @@ key         shape/dtype  meaning
 ``signs``   (B, K) int32 and signs (1 = negate a signed op)
 ``erase``   (B, 2) f32   Cutout: (top, left) of the erased square in output pixels (centre uniform over the
                          image, DeVries & Taylor 2017; the square may hang over the border and is clipped)
+``vflip``   (B,) int32   1 = mirror vertically (p = 0.5, torchvision's RandomVerticalFlip)
+``hue``     (B,) float32 hue shift in [-hue, hue] (fraction of the hue circle, torchvision's ``adjust_hue``)
+``gray``    (B,) float32 saturation factor of RandomGrayscale: 0 (grey, with probability ``grayscale``) or 1
 ==========  ===========  =====================================================================================
+
+The uniforms of the parts added later (vertical flip, hue, grayscale, RandAugment's sampled count and magnitudes)
+take slots *after* the earlier ones, so a policy without them draws exactly what it drew before.
 """
 
 from __future__ import annotations
@@ -54,9 +60,19 @@ def view_key(seed: int, epoch: int, view: str) -> tuple[int, int, int]:
     return (int(seed), int(epoch), stream_id(view))
 
 
+def _auto_slots(policy: Policy) -> int:
+    sample = policy.ra_sample_n or policy.ra_sample_m
+    return autoaug.slots(policy.auto, policy.ra_n, sample) if policy.auto else 0
+
+
 def n_slots(policy: Policy) -> int:
-    """Uniform draws one sample's parameters take."""
-    return _AUTO + (autoaug.slots(policy.auto, policy.ra_n) if policy.auto else 0)
+    """Uniform draws one sample's parameters take (the later parts' slots only when a part uses them, so that an
+    earlier policy takes exactly as many draws as before, also from a stateful generator)."""
+    later = policy.vflip or policy.hue > 0 or policy.grayscale > 0
+    return _AUTO + _auto_slots(policy) + (_EXTRA if later else 0)
+
+
+_VFLIP, _HUE, _GRAY, _EXTRA = 0, 1, 2, 3  # offsets after the automatic-augmentation slots
 
 
 def sample_params(policy: Policy, key: tuple[int, ...], ids: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
@@ -69,7 +85,8 @@ def params_from_uniforms(policy: Policy, u: np.ndarray, sizes: np.ndarray) -> di
     u = np.asarray(u, dtype=np.float64)
     ids = np.arange(len(u))
     sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64).reshape(-1, 2), (len(u), 2))
-    n_auto = n_slots(policy) - _AUTO
+    n_auto = _auto_slots(policy)
+    extra = _AUTO + n_auto
     out: dict[str, np.ndarray] = {}
     if policy.crop == "rrc":
         out["crop"] = rrc_windows(u[:, _CROP:_CROP + 4 * RRC_ATTEMPTS], sizes, policy.rrc_scale)
@@ -80,11 +97,19 @@ def params_from_uniforms(policy: Policy, u: np.ndarray, sizes: np.ndarray) -> di
         out["flip"] = (u[:, _FLIP] < 0.5).astype(np.int32)
     if policy.rotate > 0:
         out["angle"] = ((2.0 * u[:, _ANGLE] - 1.0) * policy.rotate).astype(np.float32)
-    if policy.jitter > 0:
-        lo, hi = max(0.0, 1.0 - policy.jitter), 1.0 + policy.jitter
+    if policy.vflip:
+        out["vflip"] = (u[:, extra + _VFLIP] < 0.5).astype(np.int32)
+    if policy.has_jitter:
+        strength = np.asarray(policy.jitter_strengths, dtype=np.float64)
+        lo, hi = np.maximum(0.0, 1.0 - strength), 1.0 + strength
         out["jitter"] = (lo + (hi - lo) * u[:, _JITTER:_JITTER + 3]).astype(np.float32)
+    if policy.hue > 0:
+        out["hue"] = ((2.0 * u[:, extra + _HUE] - 1.0) * policy.hue).astype(np.float32)
+    if policy.grayscale > 0:
+        out["gray"] = (u[:, extra + _GRAY] >= policy.grayscale).astype(np.float32)
     if policy.auto:
-        out.update(autoaug.draw_program(policy.auto, u[:, _AUTO:_AUTO + n_auto], policy.ra_n, policy.ra_m))
+        out.update(autoaug.draw_program(policy.auto, u[:, _AUTO:_AUTO + n_auto], policy.ra_n, policy.ra_m,
+                                        policy.ra_sample_n, policy.ra_sample_m, policy.ra_n_min))
     if policy.cutout > 0:
         centre = np.floor(u[:, _ERASE:_ERASE + 2] * policy.size)
         out["erase"] = (centre - policy.cutout // 2).astype(np.float32)

@@ -43,6 +43,8 @@ def geometry(img: torch.Tensor, policy: Policy, p: Mapping[str, np.ndarray]) -> 
         img = F.resize(img, [s, s], interpolation=BILINEAR, antialias=True)
     if policy.flip and int(p["flip"]):
         img = F.horizontal_flip(img)
+    if policy.vflip and int(p["vflip"]):
+        img = F.vertical_flip(img)
     if policy.rotate > 0:
         img = F.rotate(img, float(p["angle"]), interpolation=BILINEAR, fill=0)
     return img
@@ -146,10 +148,15 @@ def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 def render(img: torch.Tensor, policy: Policy, p: Mapping[str, np.ndarray], mean: Sequence[float],
            std: Sequence[float]) -> torch.Tensor:
-    """The view ``policy`` with parameters ``p`` of one decoded uint8 CHW image, normalised float CHW."""
+    """The view ``policy`` with parameters ``p`` of one decoded uint8 CHW image, normalised float CHW (parts in
+    the order of :mod:`hpckd.data.aug`)."""
     img = geometry(img, policy, p)
-    if policy.jitter > 0:
+    if policy.has_jitter:
         img = jitter(img, p["jitter"])
+    if policy.hue > 0:
+        img = F.adjust_hue(img, float(p["hue"]))
+    if policy.grayscale > 0 and float(p["gray"]) == 0.0:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)  # torchvision's RandomGrayscale
     if policy.auto:
         img = auto_program(img, policy, p)
     if policy.cutout > 0:

@@ -17,6 +17,7 @@ ids it read, exactly as for folders. Resuming mid-epoch re-reads (without decodi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -29,6 +30,7 @@ import numpy as np
 from hpckd.data.sharding import ShardSpec, shard_range, steps_per_epoch
 from hpckd.data.sources import image_size
 from hpckd.data.index import LabelledIndex
+from hpckd.data.subsets import mix
 from hpckd.errors import DataError
 from hpckd.io import atomic_open, atomic_write_json, atomic_write_text
 
@@ -95,13 +97,28 @@ class WdsIndex(LabelledIndex):
     offsets: np.ndarray
     source_fingerprint: str
     skipped: list[str] = field(default_factory=list)
+    subset: np.ndarray | None = None  # positions kept from the full shards (data.subset, data.imbalance)
+    subset_tag: str = ""  # data.subset that produced this index (mixed into the fingerprint)
 
     @property
-    def source(self) -> "WdsSource":
-        return WdsSource(self)
+    def source(self) -> "WdsRandomAccess":
+        # A subset is read by random access (its sample ids are renumbered; DALI's sequential reader would
+        # return every sample of the shards with the full set's ids).
+        return WdsSource(self) if self.subset is None else WdsRandomAccess(self)
 
     def fingerprint(self) -> str:
-        return self.source_fingerprint
+        if self.subset is None:
+            return mix(self.source_fingerprint, self.subset_tag)
+        digest = hashlib.sha256(self.source_fingerprint.encode())
+        digest.update(np.ascontiguousarray(self.subset, dtype=np.int64).tobytes())
+        return mix(digest.hexdigest()[:16], self.subset_tag)
+
+    def select(self, positions) -> "WdsIndex":
+        """The subset at ``positions``; sample ids are renumbered 0..len-1 (``subset`` keeps the originals)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        base = positions if self.subset is None else self.subset[positions]
+        return WdsIndex(self.root, self.classes, [self.labels[i] for i in positions], self.shards,
+                        self.offsets[positions], self.source_fingerprint, list(self.skipped), base, self.subset_tag)
 
     @property
     def paths(self) -> list[str]:
@@ -129,8 +146,8 @@ def load_wds(folder: str | Path) -> WdsIndex:
                     np.asarray(m["offsets"], dtype=np.int64).reshape(-1, 3), str(m["fingerprint"]))
 
 
-class WdsSource:
-    """Encoded images of a sharded data set: random access by id (``read``) and DALI streaming (``stream``)."""
+class WdsRandomAccess:
+    """Encoded images of a sharded data set, read by id from the member offsets (``read``)."""
 
     encoded = True
 
@@ -151,6 +168,10 @@ class WdsSource:
 
     def name(self, i: int) -> str:
         return f"{self.index.paths[int(self.index.offsets[i][0])]}:{int(i):09d}"
+
+
+class WdsSource(WdsRandomAccess):
+    """Encoded images of a whole sharded data set: random access by id and DALI streaming (``stream``)."""
 
     def stream(self, *, epoch: int, shard: ShardSpec, batch_size: int, train: bool, seed: int, start: int,
                num_threads: int = 1, initial_fill: int = 1024) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:

@@ -75,31 +75,40 @@ class Stage:
     overrides: tuple[str, ...]
 
 
-def efficient_distillation_stages(total_epochs: int = 300) -> list[Stage]:
-    """Efficient Distillation's schedule (response-based study Sec. 5.2): 240 + 60 of 300 epochs.
+STAGE_FORMS: tuple[str, ...] = ("text", "code")
 
-    Stage 1: WSL loss, lr 0.5 (batch 1024), weight decay 4e-5, cosine. Stage 2: a stronger teacher of the same
-    architecture, consistent knowledge mining with teacher tau 0.7 / student tau 1, lr 5e-2 cosine-decayed to
-    5e-4, weight decay 0. Shorter runs keep the 4:1 split.
+
+def efficient_distillation_stages(total_epochs: int = 300, form: str = "text") -> list[Stage]:
+    """Efficient Distillation's schedule (response-based study Sec. 5.2) over ``total_epochs`` (300 in the paper).
+
+    ``form="text"`` (default, the paper): 240 + 60 epochs; stage 1 WSL loss, lr 0.5 for batch 1024, weight decay
+    4e-5, cosine to 0; stage 2 a stronger teacher of the same architecture, consistent knowledge mining (teacher tau
+    0.7, student tau 1), lr 5e-2 cosine-decayed to 5e-4 over its 60 epochs, weight decay 0.
+
+    ``form="code"`` (the study's public code, whose stage switch fires at 0-based epoch 239): stage 1 runs 239
+    epochs with a cosine floor of 1e-5; stage 2 runs 61 epochs on a cosine laid out over 62 epochs (so it stops
+    one epoch short of its floor of 5e-4).
+
+    Both forms set ``optim.lr_reference_batch=1024``: the rates are for batch 1024 and scale linearly to
+    ``data.batch_size``. Shorter runs keep the proportions (4:1, or 239:61 with a one-epoch-longer stage-2 cosine).
     """
     if total_epochs < 2:
         raise ConfigError(f"efficient distillation needs at least 2 epochs (one per stage), got {total_epochs}")
-    first = max(1, min(total_epochs - 1, round(total_epochs * 240 / 300)))
+    if form not in STAGE_FORMS:
+        raise ConfigError(f"unknown efficient-distillation form {form!r}; choose one of {', '.join(STAGE_FORMS)}")
+    share = 240 if form == "text" else 239
+    first = max(1, min(total_epochs - 1, round(total_epochs * share / 300)))
+    second = total_epochs - first
+    floor1 = "0.0" if form == "text" else "1e-05"
+    span2 = second if form == "text" else second + 1
+    common = ("optim.schedule=cosine", "optim.lr_reference_batch=1024")
     return [
-        Stage(
-            "stage1",
-            first,
-            recipe("efficient_stage1"),
-            "first",
-            ("optim.lr=0.5", "optim.weight_decay=4e-05", "optim.schedule=cosine"),
-        ),
-        Stage(
-            "stage2",
-            total_epochs - first,
-            recipe("efficient_stage2"),
-            "second",
-            ("optim.lr=0.05", "optim.weight_decay=0.0", "optim.schedule=cosine"),
-        ),
+        Stage("stage1", first, recipe("efficient_stage1"), "first",
+              ("optim.lr=0.5", "optim.weight_decay=4e-05", f"optim.min_lr={floor1}", "optim.schedule_epochs=0",
+               *common)),
+        Stage("stage2", second, recipe("efficient_stage2"), "second",
+              ("optim.lr=0.05", "optim.weight_decay=0.0", "optim.min_lr=0.0005", f"optim.schedule_epochs={span2}",
+               *common)),
     ]
 
 

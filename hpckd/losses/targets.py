@@ -16,7 +16,7 @@ probability (:func:`with_label_prob`); the rest is rescaled to sum to 1 - y_k:
 * full replacement: y = y^{t+};
 * partial replacement (Eq. 1): y_k = y^{t-}_k, y_i = y^{t+}_i (1 - y^{t-}_k) / (1 - y^{t+}_k);
 * confidence replacement (Eq. 2): y_k = y^{t+}_k, y_i = y^{t-}_i (1 - y^{t+}_k) / (1 - y^{t-}_k);
-* label smoothing (Eq. 3): y_k = t, y_i = (1 - t) / (C - 1)  (``smoothing_form=code``: t onehot + (1 - t)/C,
+* label smoothing (Eq. 3): y_k = t, y_i = (1 - t) / (C - 1)  (``smoothing_form=code``: t onehot + (1 - t)/1000 as its code, any C,
   the form of the study's code);
 * teacher amplification (Eq. 4): y_k = min(y^t_k + delta, 1), y_i = y^t_i (1 - y_k) / (1 - y^t_k);
 * student amplification (Eq. 5): the same on the (detached) student's distribution.
@@ -69,18 +69,23 @@ def confidence_replacement(weak: torch.Tensor, strong: torch.Tensor, labels: tor
 REPLACEMENTS = {"full": full_replacement, "partial": partial_replacement, "confidence": confidence_replacement}
 
 
+CODE_SMOOTHING_CLASSES = 1000  # the response-based study's code divides by this, not by C
+
+
 def label_smoothing_target(
     labels: torch.Tensor, num_classes: int, t: float, form: str = "eq3", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Label smoothing with confidence t (Eq. 3; consistent knowledge mining, Sec. 5.1, t = 0.99).
 
-    ``eq3``: y_k = t, y_i = (1 - t) / (C - 1). ``code``: y = t onehot + (1 - t) / C (y_k = t + (1 - t)/C).
+    ``eq3``: y_k = t, y_i = (1 - t) / (C - 1). ``code``: the response-based study's public code,
+    ``y = t onehot + (1 - t) / 1000`` with its hard-coded 1000 (ImageNet) whatever C is, exactly as it runs: the
+    target sums to ``t + C (1 - t) / 1000``, i.e. to 1 only for C = 1000.
     """
     onehot = F.one_hot(labels, num_classes).to(dtype)
     if form == "eq3":
         return onehot * t + (1.0 - onehot) * (1.0 - t) / (num_classes - 1)
     if form == "code":
-        return onehot * t + (1.0 - t) / num_classes
+        return onehot * t + (1.0 - t) / CODE_SMOOTHING_CLASSES
     raise ValueError(f"unknown smoothing form {form!r}")
 
 

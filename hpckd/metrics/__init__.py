@@ -12,7 +12,7 @@ analysis notebooks, reports and tests). Module map (one concern each):
 - :mod:`~hpckd.metrics.tstddev`: T. stddev and its covariance/correlation variants
 - :mod:`~hpckd.metrics.attention`: CAMs, ViT attention (CLS, rollout), attention IoU
 - :mod:`~hpckd.metrics.affinity`: Affinity
-- :mod:`~hpckd.metrics.stats`: A/B-test p-value, Pearson/Spearman correlation
+- :mod:`~hpckd.metrics.stats`: A/B-test p-value, normalised accuracy, Pearson/Spearman correlation
 - :mod:`~hpckd.metrics.exact`: exact (fixed-point int64) sums and their all-reduce
 - :mod:`~hpckd.metrics.evaluator`: the streaming Evaluator
 """
@@ -32,8 +32,8 @@ from hpckd.metrics.classification import accuracy, entropy, nll, train_val_gap
 from hpckd.metrics.ensemble import as_logprobs, ensemble_logprobs
 from hpckd.metrics.evaluator import Evaluator, EvaluatorOptions
 from hpckd.metrics.fidelity import independent_student_baseline, predictive_kl, top1_agreement
-from hpckd.metrics.information import joint_histogram, mutual_information
-from hpckd.metrics.stats import CorrelationResult, ab_test_pvalue, correlation
+from hpckd.metrics.information import joint_histogram, knn_mutual_information, mutual_information
+from hpckd.metrics.stats import CorrelationResult, ab_test_pvalue, correlation, normalized_accuracy
 from hpckd.metrics.tstddev import TStdDev, teacher_correlation, teacher_covariance, tstddev
 
 __all__ = [
@@ -57,9 +57,11 @@ __all__ = [
     "entropy",
     "independent_student_baseline",
     "joint_histogram",
+    "knn_mutual_information",
     "minmax_normalize",
     "mutual_information",
     "nll",
+    "normalized_accuracy",
     "predictive_kl",
     "reliability_diagram",
     "resize_maps",

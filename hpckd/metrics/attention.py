@@ -12,6 +12,12 @@ Attention study (Guo et al.), Sec. 4.1 and Eq. 1:
 - Each map is min-max normalised per image, upsampled to a common size, and thresholded (0.4 in the study's
   code) into a region; IoU is reported per image (then averaged) and pooled over a batch/split
   (sum of intersections / sum of unions).
+
+Two orders (``form``): ``"paper"`` (the default) normalises at the map's own resolution, upsamples the normalised
+map and keeps ``>= threshold``; ``"code"`` follows the attention study's public code (``calculate-IoU.py``):
+bilinear upsampling of the *raw* map to the input size first, then ``(m - min) / (max - min + 1e-8)`` per image and
+``> threshold``. The code's per-split IoU is ``sum_b n_b IoU_b / sum_b n_b`` with ``IoU_b`` the batch's pooled IoU
+(``iou_batch_pooled`` of :class:`IoUAccumulator`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from hpckd.metrics.exact import all_reduce_int64, from_fixed, to_fixed
 CamTarget = Literal["predicted", "true", "sum"]
 CAM_TARGETS: tuple[str, ...] = ("predicted", "true", "sum")
 HeadFusion = Literal["mean", "max", "min"]
+IoUForm = Literal["paper", "code"]
+IOU_FORMS: tuple[str, ...] = ("paper", "code")
+CODE_EPS = 1e-8  # the public code's min-max denominator guard
 
 
 # --------------------------------------------------------------------------------------------------- CNN CAM
@@ -164,6 +173,17 @@ def attention_masks(
     return normed >= threshold
 
 
+def code_masks(maps: torch.Tensor, threshold: float, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) bool regions in the attention study's public-code order: bilinearly upsample the raw maps to
+    ``size`` (the input size), min-max normalise each image as ``(m - min) / (max - min + 1e-8)``, keep
+    ``> threshold``."""
+    up = resize_maps(maps.double(), size, "bilinear")
+    flat = up.reshape(up.shape[0], -1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + CODE_EPS) > threshold).reshape(up.shape)
+
+
 def _common_size(a: torch.Tensor, b: torch.Tensor, size: tuple[int, int] | None) -> tuple[int, int]:
     if size is not None:
         return (int(size[0]), int(size[1]))
@@ -177,13 +197,22 @@ def intersection_union(
     threshold: float = 0.4,
     size: tuple[int, int] | None = None,
     mode: str = "bilinear",
+    form: IoUForm = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image pixel counts (int64, (N,)) of the intersection and union of the two thresholded regions."""
+    """Per-image pixel counts (int64, (N,)) of the intersection and union of the two thresholded regions
+    (``form``: see the module docstring; ``"code"`` needs ``size``, the input size)."""
     if map_a.dim() != 3 or map_b.dim() != 3 or map_a.shape[0] != map_b.shape[0]:
         raise ValueError(f"maps must be (N, h, w) with equal N, got {tuple(map_a.shape)} and {tuple(map_b.shape)}")
     common = _common_size(map_a, map_b, size)
-    ma = attention_masks(map_a, threshold, common, mode)
-    mb = attention_masks(map_b, threshold, common, mode)
+    if form == "paper":
+        ma = attention_masks(map_a, threshold, common, mode)
+        mb = attention_masks(map_b, threshold, common, mode)
+    elif form == "code":
+        if size is None:
+            raise ValueError("form='code' upsamples to the input size: pass size=(H, W)")
+        ma, mb = code_masks(map_a, threshold, common), code_masks(map_b, threshold, common)
+    else:
+        raise ValueError(f"unknown IoU form {form!r}; choose one of {IOU_FORMS}")
     return (ma & mb).sum(dim=(1, 2)), (ma | mb).sum(dim=(1, 2))
 
 
@@ -201,6 +230,7 @@ def attention_iou(
     size: tuple[int, int] | None = None,
     reduction: Literal["mean", "pooled", "none"] = "mean",
     mode: str = "bilinear",
+    form: IoUForm = "paper",
 ) -> torch.Tensor | float:
     """IoU of two models' attention regions (attention study Eq. 1).
 
@@ -209,9 +239,11 @@ def attention_iou(
         threshold: region = normalised map >= threshold (0.4 in the attention study's code).
         size: compare at this (H, W), e.g. the input image size; default: the larger of the two map sizes.
         reduction: ``"mean"`` of per-image IoUs, ``"pooled"`` = sum of intersections / sum of unions over the
-            batch (the study's code), or ``"none"`` for the (N,) per-image IoUs.
+            batch (the study's code, per batch), or ``"none"`` for the (N,) per-image IoUs.
+        form: ``"paper"`` (normalise, upsample, ``>=``) or ``"code"`` (upsample the raw maps to ``size``, normalise
+            with +1e-8, ``>``), see the module docstring.
     """
-    inter, union = intersection_union(map_a, map_b, threshold, size, mode)
+    inter, union = intersection_union(map_a, map_b, threshold, size, mode, form)
     if reduction == "none":
         return _per_image_iou(inter, union)
     if reduction == "mean":
@@ -226,12 +258,16 @@ class IoUAccumulator:
     """Streaming, distributed attention IoU over a split (exact int64 sums; rank-invariant except the batch mean).
 
     ``compute()`` reports ``iou`` (mean of per-image IoUs), ``iou_pooled`` (sum of intersections / sum of unions
-    over the split), ``iou_batch_pooled`` (mean over ``update`` calls of each batch's pooled IoU, the attention
-    study's code; depends on batching) and ``iou_count``.
+    over the split), ``iou_batch_pooled`` (the attention study's code: each ``update`` batch's pooled IoU weighted
+    by its number of images, ``sum_b n_b IoU_b / sum_b n_b``; depends on batching) and ``iou_count``.
+    ``form``/``size``: see :func:`intersection_union` (``form="code"`` needs the input ``size``).
     """
 
-    def __init__(self, threshold: float = 0.4, size: tuple[int, int] | None = None, mode: str = "bilinear") -> None:
-        self.threshold, self.size, self.mode = threshold, size, mode
+    def __init__(self, threshold: float = 0.4, size: tuple[int, int] | None = None, mode: str = "bilinear",
+                 form: IoUForm = "paper") -> None:
+        if form not in IOU_FORMS:
+            raise ValueError(f"unknown IoU form {form!r}; choose one of {IOU_FORMS}")
+        self.threshold, self.size, self.mode, self.form = threshold, size, mode, form
         self.reset()
 
     def reset(self) -> None:
@@ -244,7 +280,7 @@ class IoUAccumulator:
             map_a, map_b = map_a[keep], map_b[keep.to(map_b.device)]
         if map_a.shape[0] == 0:
             return
-        inter, union = intersection_union(map_a, map_b, self.threshold, self.size, self.mode)
+        inter, union = intersection_union(map_a, map_b, self.threshold, self.size, self.mode, self.form)
         u_total = int(union.sum())
         batch_iou = int(inter.sum()) / u_total if u_total else 1.0
         adds = {
@@ -252,7 +288,7 @@ class IoUAccumulator:
             "iou_sum": to_fixed(_per_image_iou(inter, union)).sum().cpu(),
             "inter": inter.sum().cpu(),
             "union": union.sum().cpu(),
-            "batch_iou_sum": to_fixed(torch.tensor(batch_iou, dtype=torch.float64)),
+            "batch_iou_sum": to_fixed(torch.tensor(batch_iou * inter.shape[0], dtype=torch.float64)),
             "batches": torch.tensor(1),
         }
         for name, value in adds.items():
@@ -265,6 +301,6 @@ class IoUAccumulator:
         return {
             "iou": float(from_fixed(st["iou_sum"])) / n if n else nan,
             "iou_pooled": (int(st["inter"]) / union if union else 1.0) if n else nan,
-            "iou_batch_pooled": float(from_fixed(st["batch_iou_sum"])) / batches if batches else nan,
+            "iou_batch_pooled": float(from_fixed(st["batch_iou_sum"])) / n if batches and n else nan,
             "iou_count": float(n),
         }

@@ -4,9 +4,14 @@ Attention study (Guo et al.), Eq. 13, after Guo et al. (2017):
 
     ECE = sum_{m=1}^{M} |B_m| / N * |Acc(B_m) - Conf(B_m)|
 
-where B_m holds the samples whose confidence (top-1 probability) lies in ((m-1)/M, m/M]. The attention study's
-public code averages |Acc - Conf| over the non-empty bins without the |B_m|/N weights; ``weighting="uniform"``
-reproduces that. The bins are sufficient statistics (count, correct count, confidence sum), so the same code
+where B_m holds the samples whose confidence (top-1 probability) lies in ((m-1)/M, m/M]. Other weightings:
+
+- ``"uniform"``: the mean of |Acc - Conf| over the *non-empty* bins, without the |B_m|/N weights;
+- ``"all_bins"``: the attention study's public code (``calculate_ece.py``), ``np.abs(acc - conf).mean()`` over
+  *all* M bins, an empty bin counting 0, i.e. ``1/M sum_{m: B_m non-empty} |Acc(B_m) - Conf(B_m)|`` (its code
+  uses M = 10 bins: set ``metrics.n_bins=10``).
+
+The bins are sufficient statistics (count, correct count, confidence sum), so the same code
 serves one batch, a streamed split, and an all-reduce over ranks.
 """
 
@@ -19,8 +24,8 @@ import torch
 
 from hpckd.metrics.ensemble import as_logprobs
 
-Weighting = Literal["count", "uniform"]
-WEIGHTINGS: tuple[str, ...] = ("count", "uniform")
+Weighting = Literal["count", "uniform", "all_bins"]
+WEIGHTINGS: tuple[str, ...] = ("count", "uniform", "all_bins")
 
 
 def bin_edges(n_bins: int) -> torch.Tensor:
@@ -83,8 +88,8 @@ def ece_from_bins(
 ) -> float:
     """ECE from per-bin counts, accuracies and mean confidences (attention study Eq. 13).
 
-    ``"count"`` weights each bin by |B_m| / N (Eq. 13); ``"uniform"`` averages non-empty bins equally (the
-    attention study's public code).
+    ``"count"`` weights each bin by |B_m| / N (Eq. 13); ``"uniform"`` averages the non-empty bins equally;
+    ``"all_bins"`` averages over all M bins with an empty bin counting 0 (the attention study's public code).
     """
     nonempty = counts > 0
     if not bool(nonempty.any()):
@@ -95,6 +100,8 @@ def ece_from_bins(
         return float((w * gaps).sum() / w.sum())
     if weighting == "uniform":
         return float(gaps.mean())
+    if weighting == "all_bins":
+        return float(gaps.sum() / counts.numel())
     raise ValueError(f"unknown ECE weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 

@@ -10,11 +10,15 @@ from omegaconf import DictConfig, OmegaConf
 from hpckd.config.checks import at_least, choose, positive, within
 from hpckd.config.schema import EvaluatorOptions
 from hpckd.metrics.calibration import WEIGHTINGS
-from hpckd.metrics.evaluator import MI_ESTIMATORS
+from hpckd.metrics.attention import IOU_FORMS
+from hpckd.metrics.evaluator import FIDELITY_REDUCTIONS, MI_ESTIMATORS
 from hpckd.metrics.fidelity import KL_DIRECTIONS
 from hpckd.teachers.ensemble import REDUCTIONS
 
 CAM_TARGETS = ("predicted", "true", "sum")
+CAM_SIZES = ("map", "input")
+VIT_ATTENTIONS = ("cls", "rollout")
+TEACHER_PRECISIONS = ("fp32", "bf16")
 
 
 def evaluator_options(metrics: Any) -> EvaluatorOptions:
@@ -30,6 +34,11 @@ def check_metrics_section(metrics: Any) -> None:
     choose("metrics.ece_weighting", metrics.ece_weighting, WEIGHTINGS)
     choose("metrics.kl_direction", metrics.kl_direction, KL_DIRECTIONS)
     choose("metrics.mi_estimator", metrics.mi_estimator, MI_ESTIMATORS)
+    choose("metrics.fidelity_reduction", metrics.fidelity_reduction, FIDELITY_REDUCTIONS)
+    choose("metrics.cam_iou_form", metrics.cam_iou_form, IOU_FORMS)
+    choose("metrics.cam_size", metrics.cam_size, CAM_SIZES)
+    choose("metrics.vit_attention", metrics.vit_attention, VIT_ATTENTIONS)
+    choose("metrics.teacher_precision", metrics.teacher_precision, TEACHER_PRECISIONS)
     within("metrics.cam_threshold", metrics.cam_threshold, 0.0, 1.0)
     at_least("metrics.n_bins", metrics.n_bins, 1)
     positive("metrics.kl_temperature", metrics.kl_temperature)

@@ -28,10 +28,11 @@ from hpckd.metrics.classification import entropy, nll
 from hpckd.metrics.ensemble import as_logprobs
 from hpckd.metrics.exact import all_reduce_int64, fixed_sum, from_fixed, to_fixed
 from hpckd.metrics.fidelity import KL_DIRECTIONS, kl_per_sample
-from hpckd.metrics.information import joint_histogram, mutual_information_from_joint
+from hpckd.metrics.information import joint_histogram, knn_mutual_information, mutual_information_from_joint
 from hpckd.metrics.tstddev import TStdDev
 
 MI_ESTIMATORS: tuple[str, ...] = ("split", "per_batch")
+FIDELITY_REDUCTIONS: tuple[str, ...] = ("sample", "batch")
 
 
 def check_options(options: EvaluatorOptions) -> EvaluatorOptions:
@@ -41,6 +42,7 @@ def check_options(options: EvaluatorOptions) -> EvaluatorOptions:
         (options.ece_weighting in WEIGHTINGS, f"ece_weighting must be one of {WEIGHTINGS}"),
         (options.kl_direction in KL_DIRECTIONS, f"kl_direction must be one of {KL_DIRECTIONS}"),
         (options.mi_estimator in MI_ESTIMATORS, f"mi_estimator must be one of {MI_ESTIMATORS}"),
+        (options.fidelity_reduction in FIDELITY_REDUCTIONS, f"fidelity_reduction must be one of {FIDELITY_REDUCTIONS}"),
         (options.n_bins >= 1, "n_bins must be >= 1"),
         (options.kl_temperature > 0, "kl_temperature must be > 0"),
         (all(k >= 1 for k in options.topk), "topk entries must be >= 1"),
@@ -68,8 +70,10 @@ class Evaluator:
     :func:`hpckd.metrics.ensemble.ensemble_logprobs`). Results (floats): ``count``, ``accuracy``,
     ``accuracy_top{k}``, ``nll``, ``entropy``, ``ece``, and with teacher logits ``teacher_accuracy``,
     ``teacher_nll``, ``teacher_entropy``, ``teacher_ece``, ``top1_agreement``, ``predictive_kl``,
-    ``mutual_information``, ``mutual_information_mm`` (Miller-Madow), plus ``tstddev`` / ``tstddev_groups`` when
-    enabled. If any counted student or teacher row had non-finite values, the float metrics are NaN.
+    ``mutual_information``, ``mutual_information_mm`` (Miller-Madow), ``mutual_information_knn`` with
+    ``mi_knn``, plus ``tstddev`` / ``tstddev_groups`` when enabled. ``fidelity_reduction="batch"`` makes
+    ``top1_agreement`` and ``predictive_kl`` means of per-``update`` means (the studies' code). If any counted
+    student or teacher row had non-finite values, the float metrics are NaN.
     """
 
     def __init__(self, num_classes: int, options: EvaluatorOptions | None = None, **kwargs: object) -> None:
@@ -91,6 +95,7 @@ class Evaluator:
             "t_count": (), "t_nonfinite": (), "t_correct": (), "t_nll": (), "t_entropy": (),
             "t_bin_count": (m,), "t_bin_correct": (m,), "t_bin_conf": (m,),
             "agree": (), "kl": (), "joint": (c, c), "mi_batch_sum": (), "mi_batches": (),
+            "agree_batch_sum": (), "kl_batch_sum": (), "pair_batches": (), "mi_knn_sum": (), "mi_knn_batches": (),
         }  # fmt: skip
         shapes.update({f"correct_top{k}": () for k in self.options.topk})
         self._state = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
@@ -167,14 +172,27 @@ class Evaluator:
     def _update_pair(self, teacher: torch.Tensor, student: torch.Tensor) -> None:
         o = self.options
         t_pred, s_pred = teacher.argmax(dim=-1), student.argmax(dim=-1)
-        self._add("agree", (t_pred == s_pred).sum())
+        agree = t_pred == s_pred
+        self._add("agree", agree.sum())
         kl = kl_per_sample(teacher, student, o.kl_direction, o.kl_temperature)  # type: ignore[arg-type]
         self._add("kl", fixed_sum(kl))
         joint = joint_histogram(t_pred, s_pred, self.num_classes)
         self._add("joint", joint)
-        if o.mi_estimator == "per_batch" and t_pred.numel() > 0:
+        one = torch.tensor(1, device=teacher.device)
+        if t_pred.numel() == 0:
+            return
+        if o.fidelity_reduction == "batch":
+            # The studies' code: a mean per batch, then the mean of those means over batches.
+            self._add("agree_batch_sum", to_fixed(agree.double().mean()))
+            self._add("kl_batch_sum", to_fixed(kl.mean()))
+            self._add("pair_batches", one)
+        if o.mi_estimator == "per_batch":
             self._add("mi_batch_sum", to_fixed(torch.tensor(mutual_information_from_joint(joint), dtype=torch.float64)))
-            self._add("mi_batches", torch.tensor(1, device=teacher.device))
+            self._add("mi_batches", one)
+        if o.mi_knn:
+            value = knn_mutual_information(t_pred, s_pred)
+            self._add("mi_knn_sum", to_fixed(torch.tensor(value, dtype=torch.float64, device=teacher.device)))
+            self._add("mi_knn_batches", one)
 
     # --------------------------------------------------------------------------------------------- compute
     def reduced_state(self, group: object | None = None) -> dict[str, torch.Tensor]:
@@ -223,12 +241,21 @@ class Evaluator:
             mi = float(from_fixed(st["mi_batch_sum"])) / batches if batches else float("nan")
         else:
             mi = mutual_information_from_joint(joint)
-        return {
-            "top1_agreement": int(st["agree"]) / n,
-            "predictive_kl": self.options.kl_scale * float(from_fixed(st["kl"])) / n,
+        agreement, kl = int(st["agree"]) / n, float(from_fixed(st["kl"])) / n
+        if self.options.fidelity_reduction == "batch":
+            batches = int(st["pair_batches"])
+            agreement = float(from_fixed(st["agree_batch_sum"])) / batches if batches else float("nan")
+            kl = float(from_fixed(st["kl_batch_sum"])) / batches if batches else float("nan")
+        out = {
+            "top1_agreement": agreement,
+            "predictive_kl": self.options.kl_scale * kl,
             "mutual_information": mi,
             "mutual_information_mm": mutual_information_from_joint(joint, miller_madow=True),
         }
+        if self.options.mi_knn:
+            batches = int(st["mi_knn_batches"])
+            out["mutual_information_knn"] = float(from_fixed(st["mi_knn_sum"])) / batches if batches else float("nan")
+        return out
 
     def reliability(self, group: object | None = None) -> dict[str, ReliabilityDiagram]:
         """Reliability-diagram bins of the student (and teacher, if seen), reduced over ranks (collective)."""

@@ -10,6 +10,12 @@ code averages per-batch estimates, available with ``batch_size=...``. The plug-i
 small samples; the Miller-Madow correction adds ``(m - 1) / (2N)`` to each entropy, m = number of non-empty cells:
 
     MI_MM = MI + ((m_t - 1) + (m_s - 1) - (m_ts - 1)) / (2N)
+
+The study's public code (``trainer.py``, ``get_mi``) reports a second estimate per batch:
+``sklearn.feature_selection.mutual_info_classif(student_top1[:, None], teacher_top1)[0]``, i.e. the student's
+top-1 label treated as a *continuous* feature and the teacher's as the class, estimated with k = 3 nearest
+neighbours (Ross 2014); :func:`knn_mutual_information` is that call (with a fixed ``random_state`` for the small
+noise sklearn adds, which the code leaves unseeded).
 """
 
 from __future__ import annotations
@@ -89,3 +95,22 @@ def mutual_information(
         for i in range(0, t.shape[0], batch_size)
     ]
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+KNN_NEIGHBOURS = 3  # sklearn's default n_neighbors, which the study's code keeps
+
+
+def knn_mutual_information(teacher_pred: torch.Tensor, student_pred: torch.Tensor, random_state: int = 0) -> float:
+    """The attention study's code's second MI estimate (nats) of one batch: sklearn's nearest-neighbour
+    ``mutual_info_classif`` with the student's top-1 label as a continuous feature and the teacher's as the target
+    (``get_mi`` in its ``trainer.py``; not Eq. 4's plug-in estimator). ``random_state`` fixes sklearn's jitter."""
+    from sklearn.feature_selection import mutual_info_classif
+
+    t, s = _labels(teacher_pred), _labels(student_pred)
+    if t.shape != s.shape:
+        raise ValueError(f"teacher and student predictions differ in length: {t.shape[0]} vs {s.shape[0]}")
+    if t.numel() <= KNN_NEIGHBOURS:
+        return float("nan")
+    features = s.detach().cpu().double().numpy().reshape(-1, 1)
+    target = t.detach().cpu().numpy()
+    return float(mutual_info_classif(features, target, n_neighbors=KNN_NEIGHBOURS, random_state=random_state)[0])

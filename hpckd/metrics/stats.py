@@ -1,4 +1,5 @@
-"""Statistics across trials: the attention study's A/B-test p-value and Pearson/Spearman correlations."""
+"""Statistics across trials: the attention study's A/B-test p-value, the response-based study's normalised
+accuracy, and Pearson/Spearman correlations."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def ab_test_pvalue(fidelity_control: Sequence[float], fidelity_treatment: Sequen
         shapes = f"{control.shape} and {treatment.shape}"
         raise ValueError(f"need two equally long, non-empty 1-D sequences of paired trials, got {shapes}")
     return float(np.count_nonzero(treatment > control)) / control.size
+
+
+def normalized_accuracy(acc: float, acc_weak: float, acc_strong: float) -> float:
+    """The response-based study's normalised accuracy (Figs. 5-6): ``(acc - acc^-) / (acc^+ - acc^-)``, with
+    ``acc^-`` the student distilled from the weak teacher only and ``acc^+`` from the strong teacher only (0: as the
+    weak teacher, 1: as the strong one)."""
+    if acc_strong == acc_weak:
+        raise ValueError(f"acc+ and acc- are both {acc_weak}: the normalised accuracy is undefined")
+    return (float(acc) - float(acc_weak)) / (float(acc_strong) - float(acc_weak))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Both accept models wrapped in DDP (``.module``) or ``torch.compile`` (``._orig_m
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -95,7 +96,29 @@ def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     grad context. ``fc(mean_hw(features)) == model(x)`` for every registered CNN with a linear head.
     """
     trunk, head = _cam_parts(unwrap(model))
-    return trunk(x), head.weight, head.bias
+    feats = trunk(x)
+    if feats.dim() == 4 and feats.shape[-2] * feats.shape[-1] == 1:
+        _warn_flat_cam(model, int(x.shape[-1]), int(x.shape[-1]) // max(1, int(feats.shape[-1])))
+    return feats, head.weight, head.bias
+
+
+class CamResolutionWarning(UserWarning):
+    """Class activation maps of 1x1: the input is too small for the network's downsampling."""
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_flat_cam(model: nn.Module, size: int, stride: int) -> None:
+    """Warn once per (architecture, input size): a 1x1 map has no spatial extent, so CAM-IoU (attention study
+    Eq. 1) is 1 or 0 for every image, whatever the teachers attend to (an ImageNet ResNet-50 at 32 px)."""
+    arch = getattr(unwrap(model), "hpckd_arch", type(unwrap(model)).__name__)
+    if (arch, size) in _WARNED:
+        return
+    _WARNED.add((arch, size))
+    warnings.warn(f"{arch} at data.image_size={size} gives 1x1 class activation maps (it downsamples {stride}x), so "
+                  f"CAM-IoU is meaningless; set data.image_size >= {7 * stride} or use a CIFAR architecture "
+                  f"(or metrics.attention_iou=false)", CamResolutionWarning, stacklevel=3)
 
 
 def has_cam(model: nn.Module) -> bool:

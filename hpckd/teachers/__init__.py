@@ -6,6 +6,9 @@
   CUDA, optional ``torch.compile``, and ``teacher_parallel`` sharding across DDP ranks (:class:`ServingConfig`).
 * :mod:`~hpckd.teachers.shard` -- the collectives of teacher_parallel.
 * :mod:`~hpckd.teachers.source` -- :class:`TeacherSource`, the interface the training loop relies on.
+* :mod:`~hpckd.teachers.store` -- the logit store: :class:`LogitStore` (shards, checksums, manifest key) and
+  :class:`StoreSource` (``serving.mode=cached``); :mod:`~hpckd.teachers.store_writer` writes and verifies one
+  (``hpckd teachers cache``).
 
 The serving names load on first use (PEP 562): :mod:`hpckd.losses` and :mod:`hpckd.metrics` import the ensemble
 maths from here, and should not pay for the model zoo (torchvision) that serving needs.
@@ -24,6 +27,8 @@ _LAZY: dict[str, str] = {
     "TeacherSet": "hpckd.teachers.serving",
     "freeze": "hpckd.teachers.serving",
     "TeacherSource": "hpckd.teachers.source",
+    "LogitStore": "hpckd.teachers.store",
+    "StoreSource": "hpckd.teachers.store",
 }
 
 
@@ -35,8 +40,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ENSEMBLE_MODES",
+    "LogitStore",
     "REDUCTIONS",
     "ServingConfig",
+    "StoreSource",
     "Teacher",
     "TeacherSet",
     "TeacherSource",

@@ -27,15 +27,27 @@ from hpckd.config.schema import ServingConfig
 from hpckd.data.batch import STUDENT, Batch
 from hpckd.errors import CheckpointError, ConfigError
 from hpckd.models import apply_state_dict, create
-from hpckd.models.hooks import cam_features, has_cam
+from hpckd.models.hooks import cam_features, forward_with_attentions, has_cam
 from hpckd.precision import PrecisionPolicy
 from hpckd.teachers import shard
+
+
+SERVING_MODES = ("inline", "cached")
+STORE_EPOCHS = ("error", "cycle")
 
 
 def check_serving(config: ServingConfig) -> None:
     """One-line error for a ``serving`` section this module cannot run."""
     if config.exchange not in shard.EXCHANGES:
         raise ConfigError(f"config: 'serving.exchange' is {config.exchange!r}; choose one of {', '.join(shard.EXCHANGES)}")
+    if config.mode not in SERVING_MODES:
+        raise ConfigError(f"config: 'serving.mode' is {config.mode!r}; choose one of {', '.join(SERVING_MODES)}")
+    if config.store_epochs not in STORE_EPOCHS:
+        raise ConfigError(f"config: 'serving.store_epochs' is {config.store_epochs!r}; choose one of "
+                          f"{', '.join(STORE_EPOCHS)}")
+    if config.mode == "cached" and not config.store:
+        raise ConfigError("config: 'serving.mode' is 'cached' but 'serving.store' is not set; give the folder "
+                          "written by `hpckd teachers cache`")
 
 
 @dataclass
@@ -208,6 +220,23 @@ class TeacherSet:
         with torch.inference_mode(), self.precision.teacher_autocast():
             features, weight, bias = cam_features(model, x)
         return (features.float().clone(), weight.float().clone(), None if bias is None else bias.float().clone())
+
+    # ------------------------------------------------------------------ ViT attention maps
+    def has_attention_maps(self, index: int) -> bool:
+        """Whether teacher ``index`` runs on this rank and has attention layers (a ViT)."""
+        model = self.teachers[index].model
+        return model is not None and any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+    def attention_maps(self, batch: Batch, index: int) -> list[torch.Tensor]:
+        """Per-block attention probabilities (N, heads, T, T) of teacher ``index`` on the view it reads, fp32
+        (attention study App. A.7: CLS attention and rollout are made from these)."""
+        model = self.teachers[index].model
+        if not self.has_attention_maps(index):
+            raise ValueError(f"teacher {index} has no attention maps on this rank")
+        x = self.precision.teacher_input(self._view(batch, self.teachers[index]))
+        with torch.inference_mode(), self.precision.teacher_autocast():
+            maps = forward_with_attentions(model, x)[1]
+        return [m.float().clone() for m in maps]
 
     def _serve_parallel(self, batch: Batch) -> list[torch.Tensor]:
         sizes = shard.gather_sizes(batch.size, self.device, self.group)

@@ -6,11 +6,13 @@ a logit store replays them by ``batch.index`` and the recorded augmentation para
 
 Class activation maps are a capability: a source that runs CNN teachers answers ``has_cam_features(k)`` with True
 and gives the ingredients of teacher k's CAM; a source without models (a logit store) answers False, and the
-evaluation then skips teacher CAM-IoU.
+evaluation then skips teacher CAM-IoU. ViT attention maps are a second, optional capability
+(:class:`AttentionSource`): a source that runs ViT teachers gives their per-block attention probabilities.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,3 +48,23 @@ class TeacherSource(Protocol):
     def cam_features(self, batch: Batch, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Teacher ``index``'s last conv features (N, K, h, w), head weight (C, K) and bias, fp32, on its view."""
         ...
+
+
+@runtime_checkable
+class AttentionSource(Protocol):
+    """Optional capability of a teacher source: ViT attention maps (attention study App. A.7)."""
+
+    def has_attention_maps(self, index: int) -> bool:
+        """Whether :meth:`attention_maps` works for teacher ``index`` on this rank (a ViT run here)."""
+        ...
+
+    def attention_maps(self, batch: Batch, index: int) -> list[torch.Tensor]:
+        """Teacher ``index``'s per-block attention probabilities (N, heads, T, T), fp32, on the view it reads."""
+        ...
+
+
+def training_lookups(source: object) -> contextlib.AbstractContextManager:
+    """The context the training step calls its teachers in: a logit store serves training batches from disk only
+    inside it (everything else, e.g. evaluation, runs the teachers); inline sources ignore it."""
+    training = getattr(source, "training", None)
+    return training() if callable(training) else contextlib.nullcontext()

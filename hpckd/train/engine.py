@@ -324,7 +324,9 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
     checkpoint."""
     cfg, info, backend = r.cfg, r.info, r.backend
     if prog.epoch_step == 0:
-        r.loaders.train.set_epoch(prog.epoch)
+        # A logit store read with store_epochs=cycle replays its stored epochs: the loader draws that epoch's views.
+        data_epoch = getattr(r.teachers, "data_epoch", None)
+        r.loaders.train.set_epoch(data_epoch(prog.epoch) if data_epoch else prog.epoch)
     backend.train()
     global_batch = cfg.data.batch_size
     meter, t0 = Throughput(), time.perf_counter()

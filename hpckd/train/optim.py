@@ -77,7 +77,8 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        length = getattr(cfg, "schedule_epochs", 0) or cfg.epochs  # a longer cosine stops before its floor
+        span = max(length - cfg.warmup_epochs, 1e-8)
         progress = min((epoch - cfg.warmup_epochs) / span, 1.0)
         floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

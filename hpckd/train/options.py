@@ -47,7 +47,7 @@ def check_options(cfg) -> None:
                           f"has {len(optim.milestones)}; give one LR factor per milestone")
     if list(optim.milestones) != sorted(optim.milestones):
         raise ConfigError(f"config: 'optim.milestones' must be increasing, got {list(optim.milestones)}")
-    for key in ("min_lr", "clip_grad_norm", "lr_reference_batch", "warmup_epochs"):
+    for key in ("min_lr", "clip_grad_norm", "lr_reference_batch", "warmup_epochs", "schedule_epochs"):
         if optim[key] < 0:
             raise ConfigError(f"config: 'optim.{key}' must be >= 0, got {optim[key]}")
     if optim.min_lr > optim.lr:

@@ -25,6 +25,8 @@ class Progress:
     wall_s: float = 0.0  # wall time of the run up to the last checkpoint, over all sessions
     images: int = 0  # training images seen (global)
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    # this epoch's counts from the training forward passes (rows, correct, agreeing with the teacher ensemble)
+    train_counts: dict[str, int] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)
@@ -43,8 +45,12 @@ class Progress:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro += 1
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for name, value in counts.items():
+            self.train_counts[name] = self.train_counts.get(name, 0) + int(value)
+
     def close_epoch(self) -> dict[str, float]:
         """Epoch means of the loss terms (one host sync per epoch), and reset for the next epoch."""
         means = {f"train_{k}": float(v) / max(self.micro, 1) for k, v in self.sums.items()}
-        self.sums, self.micro, self.epoch_step = {}, 0, 0
+        self.sums, self.micro, self.epoch_step, self.train_counts = {}, 0, 0, {}
         return means
