@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=_positive_int, default=None, help="classifier size (default: the model family's usual)")
     p.set_defaults(func=_cmd_models)
 
-    t = sub.add_parser("teachers", help="teacher utilities: the logit store")
+    t = sub.add_parser("teachers", help="teacher utilities: the logit store (cache), importing published teachers (import)")
     teachers_sub = t.add_subparsers(dest="teachers_command", metavar="TEACHERS_COMMAND", required=True)
     s = teachers_sub.add_parser("cache", help="precompute the teachers' logits on every view of E epochs (a logit store)")
     _add_config_args(s)

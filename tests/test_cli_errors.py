@@ -8,7 +8,8 @@ import pytest
 
 from tests.helpers import assert_one_line_error, run_hpckd
 
-SUBCOMMANDS = ("train", "distill", "demo", "data", "models", "dist-check")
+SUBCOMMANDS = ("train", "distill", "distill-efficient", "eval", "demo", "data", "models", "dist-check", "sweep", "teachers",
+               "tstddev", "ab-test")
 
 
 def test_help_lists_every_subcommand():

@@ -186,6 +186,8 @@ def _run(cfg, mode: str, info: dist.DistInfo, hooks: Sequence[Hook]) -> dict[str
     if state is not None:
         _restore_loader(r, state)
         rng.restore(state["rng"][info.rank])
+        if "train_counts" in state:  # the progress dict holds rank 0's; every rank continues its own
+            prog.train_counts = dict(state["train_counts"][info.rank])
     try:
         with PreemptionGuard(cfg.train.preempt_signals) as guard:
             while prog.epoch < cfg.optim.epochs:
@@ -503,6 +505,8 @@ def _save(r: Run, prog: Progress) -> Path:
         "progress": prog.state_dict(),
         "rng": dist.all_gather_object(rng.capture()),
         "loader": dist.all_gather_object(r.loaders.train.state_dict()),
+        # Each rank's own partial training counts of the epoch (summed over ranks only at the epoch's end).
+        "train_counts": dist.all_gather_object(dict(prog.train_counts)),
     }
     path = r.backend.save(r.store, prog.step, state, r.info.is_main)
     dist.barrier()
