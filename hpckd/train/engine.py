@@ -61,10 +61,8 @@ from hpckd.data.loaders import Loaders, build_loaders
 from hpckd.errors import CheckpointError, ConfigError, DataError, UserError
 from hpckd.io import atomic_write_json, check_output_dir
 from hpckd.losses import Loss, build_loss
-from hpckd.metrics.exact import all_reduce_int64
 from hpckd.precision import PrecisionPolicy
 from hpckd.runlock import RunLock
-from hpckd.teachers.ensemble import ensemble_distribution
 from hpckd.teachers.source import TeacherSource
 from hpckd.train import rng
 from hpckd.train.backends import Backend, build_backend, prepare_model
@@ -77,6 +75,7 @@ from hpckd.train.optim import scaled_lr
 from hpckd.train.preempt import PreemptionGuard, hand_over
 from hpckd.train.progress import Progress
 from hpckd.train.step import DataStats, DistillStep, StepOutput
+from hpckd.train.training_metrics import train_counts, train_metrics
 
 FORMAT = 1  # version of the training-state layout in checkpoints
 
@@ -441,46 +440,6 @@ def _end_epoch(r: Run, prog: Progress) -> None:
     _save(r, prog)
 
 
-def train_counts(out: StepOutput, ensemble: str = "mean_probs") -> dict[str, int]:
-    """This rank's counts from one training forward pass (cheap: the logits exist anyway): rows, rows whose top-1
-    class is the label, and rows whose top-1 class is the teacher ensemble's (``metrics.ensemble``). The x' rows
-    of a doubled batch are left out (their originals count); Mixup/CutMix rows count against their own label.
-    One host sync (the three counts leave the device together)."""
-    if out.student_logits is None:
-        return {}
-    batch = out.batch
-    keep = torch.ones(batch.size, dtype=torch.bool, device=out.student_logits.device)
-    if batch.doubled is not None:
-        keep &= ~batch.doubled.to(keep.device)
-    if batch.valid is not None:
-        keep &= batch.valid.to(keep.device).bool()
-    pred = out.student_logits.argmax(dim=-1)
-    values = [keep.sum(), ((pred == batch.labels.to(pred.device)) & keep).sum()]
-    if out.teacher_logits:
-        teacher = ensemble_distribution(list(out.teacher_logits), ensemble).argmax(dim=-1).to(pred.device)
-        values.append(((pred == teacher) & keep).sum())
-    return dict(zip(("rows", "correct", "agree"), (int(v) for v in torch.stack(values).tolist())))
-
-
-def train_metrics(counts: dict[str, int], val_accuracy: float | None) -> dict[str, float]:
-    """The epoch's training accuracy and top-1 agreement with the teachers on the distillation data (attention
-    study Tables 3-4 and A.1-A.3, "during training"), summed over ranks (a collective), and the Acc-Gap
-    ``train_accuracy - val_accuracy`` (Table 3). Training accuracy comes from the training forward passes (train
-    mode, augmented inputs, weights changing during the epoch); ``hpckd eval --split train`` gives the exact
-    post-hoc value."""
-    names = ("rows", "correct", "agree")
-    local = {k: torch.tensor(int(counts.get(k, 0)), dtype=torch.int64) for k in names}
-    total = {k: int(v) for k, v in all_reduce_int64(local).items()}
-    if total["rows"] == 0:
-        return {}
-    out = {"train_accuracy": total["correct"] / total["rows"]}
-    if "agree" in counts or total["agree"]:
-        out["train_top1_agreement"] = total["agree"] / total["rows"]
-    if val_accuracy is not None:
-        out["acc_gap"] = out["train_accuracy"] - float(val_accuracy)
-    return out
-
-
 def _sync_buffers(module: nn.Module) -> None:
     """Rank 0's BatchNorm statistics everywhere (what DDP broadcasts at each forward, and what is saved), so
     evaluation on every shard uses the same model."""
@@ -506,7 +465,7 @@ def _save(r: Run, prog: Progress) -> Path:
         "rng": dist.all_gather_object(rng.capture()),
         "loader": dist.all_gather_object(r.loaders.train.state_dict()),
         # Each rank's own partial training counts of the epoch (summed over ranks only at the epoch's end).
-        "train_counts": dist.all_gather_object(dict(prog.train_counts)),
+        "train_counts": dist.all_gather_object({k: int(v) for k, v in prog.train_counts.items()}),
     }
     path = r.backend.save(r.store, prog.step, state, r.info.is_main)
     dist.barrier()

@@ -26,11 +26,12 @@ class Progress:
     images: int = 0  # training images seen (global)
     resumes: list[dict[str, Any]] = field(default_factory=list)
     # this epoch's counts from the training forward passes (rows, correct, agreeing with the teacher ensemble)
-    train_counts: dict[str, int] = field(default_factory=dict)
+    train_counts: dict[str, torch.Tensor | int] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)
         state["sums"] = {k: v.detach().cpu() for k, v in self.sums.items()}
+        state["train_counts"] = {k: int(v) for k, v in self.train_counts.items()}
         return state
 
     @classmethod
@@ -45,9 +46,10 @@ class Progress:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro += 1
 
-    def add_counts(self, counts: dict[str, int]) -> None:
+    def add_counts(self, counts: dict[str, torch.Tensor]) -> None:
+        """Add one micro-step's counts (device tensors: no host sync until the epoch ends)."""
         for name, value in counts.items():
-            self.train_counts[name] = self.train_counts.get(name, 0) + int(value)
+            self.train_counts[name] = self.train_counts[name] + value if name in self.train_counts else value
 
     def close_epoch(self) -> dict[str, float]:
         """Epoch means of the loss terms (one host sync per epoch), and reset for the next epoch."""
