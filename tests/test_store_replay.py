@@ -179,6 +179,12 @@ def test_cutmix_pick_with_half_split_scores_its_pool_from_the_store(root, teache
         losses[name] = _step_losses(tmp_path / name)
     assert len(losses["inline"]) == 4
     np.testing.assert_allclose(losses["cached"], losses["inline"], atol=2e-3, rtol=0)
+    # Evaluating a cached run runs its teachers: it needs no store (the store may be gone by then).
+    shutil.rmtree(store)
+    proc = run_hpckd("eval", str(tmp_path / "cached" / "last.pt"))
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((tmp_path / "cached" / "results.json").read_text())["eval"]["val"]
+    assert 0.0 <= stored["top1_agreement"] <= 1.0
 
 
 # ------------------------------------------------------------------------------------------ kill -9

@@ -18,15 +18,16 @@ from hpckd.teachers.source import TeacherSource
 from hpckd.teachers.store import open_store
 
 
-def build_teachers(cfg: Any, device: torch.device, policy: PrecisionPolicy) -> TeacherSource:
+def build_teachers(cfg: Any, device: torch.device, policy: PrecisionPolicy, inline: bool = False) -> TeacherSource:
     """The teachers of ``cfg.teachers`` served inline (``serving``) at the policy's teacher precision, or read from
     a logit store (``serving.mode=cached``; refused with one line when the store was written for another run).
+    ``inline=True`` always runs the teachers (evaluation of a cached run needs no store: ``hpckd eval``).
 
     A checkpoint that never took a training step (e.g. an ``optim.epochs=0`` run of an old hpckd) is refused: its
     weights are an untrained initialisation, not a teacher."""
     paths = [t.checkpoint for t in cfg.teachers]
     serving = ServingConfig(**{k: cfg.serving[k] for k in cfg.serving})
-    if serving.mode == "cached":
+    if serving.mode == "cached" and not inline:
         return open_store(cfg, device, serving, inline=lambda: _inline(paths, device, serving, policy))
     return _inline(paths, device, serving, policy)
 

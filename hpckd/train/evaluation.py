@@ -200,7 +200,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", augmented: bool = 
     loader = build_eval_loader(cfg, info, index, view, seed)
     model = create(state["arch"], state["num_classes"], **state.get("arch_kwargs", {})).to(info.device)
     apply_state_dict(model, state["model"], str(path))
-    teachers = build_teachers(cfg, info.device, policy) if cfg.teachers else None
+    teachers = build_teachers(cfg, info.device, policy, inline=True) if cfg.teachers else None
     with EvalForward(model, policy) as forward:
         # models compared with --against see whole images; the run's own teachers see what they saw in training
         split_mode = "none" if against else cfg.batch_ops.half_split
