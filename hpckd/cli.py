@@ -333,6 +333,14 @@ def _cmd_ab_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_normalized_accuracy(args: argparse.Namespace) -> int:
+    from hpckd.train.protocols import store_normalized_accuracy
+
+    value = store_normalized_accuracy(args.run, args.weak, args.strong, metric=args.metric)
+    print(f"normalized {args.metric}: {value:.4f} -> {args.run}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from hpckd.data.synth import SynthSpec, parse_size, write_imagefolder
     from hpckd.io import check_output_dir
@@ -515,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="top1_agreement", help="the fidelity metric of results.json (default top1_agreement)")
     p.add_argument("--output", required=True, help="results JSON to write")
     p.set_defaults(func=_cmd_ab_test)
+
+    p = sub.add_parser("normalized-accuracy", help="the response-based study's normalised accuracy of a run against the "
+                                                   "weak-only and strong-only runs (Figs. 5-6)")
+    p.add_argument("run", help="run folder (or results.json) of the replacement / manipulation experiment")
+    p.add_argument("--weak", required=True, help="run distilled from the weak teacher only (acc-)")
+    p.add_argument("--strong", required=True, help="run distilled from the strong teacher only (acc+)")
+    p.add_argument("--metric", default="accuracy", help="metric of results.json (default accuracy)")
+    p.set_defaults(func=_cmd_normalized_accuracy)
 
     p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")
     p.add_argument("checkpoint", help="a checkpoint (e.g. RUN/last.pt) to evaluate")

@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import assert_one_line_error, run_hpckd
 
 SUBCOMMANDS = ("train", "distill", "distill-efficient", "eval", "demo", "data", "models", "dist-check", "sweep", "teachers",
-               "tstddev", "ab-test")
+               "tstddev", "ab-test", "normalized-accuracy")
 
 
 def test_help_lists_every_subcommand():

@@ -210,3 +210,19 @@ def test_normalized_accuracy_is_stored_in_the_run(tmp_path):
     assert store_normalized_accuracy(run, weak, strong) == pytest.approx(0.6)
     stored = json.loads((run / "results.json").read_text())
     assert stored["normalized_accuracy"]["value"] == pytest.approx(0.6) and stored["metrics"]["accuracy"] == 0.66
+
+
+def test_normalized_accuracy_command_stores_the_figs_5_6_value(tmp_path):
+    """(acc - acc-) / (acc+ - acc-) of the response-based study, by hand: (0.62 - 0.50) / (0.70 - 0.50) = 0.6."""
+    runs = {}
+    for name, acc in (("replaced", 0.62), ("weak", 0.50), ("strong", 0.70)):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "results.json").write_text(json.dumps({"metrics": {"accuracy": acc}}))
+    proc = run_hpckd("normalized-accuracy", str(runs["replaced"]), "--weak", str(runs["weak"]),
+                     "--strong", str(runs["strong"]))
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((runs["replaced"] / "results.json").read_text())["normalized_accuracy"]
+    assert stored["value"] == pytest.approx(0.6, abs=1e-12) and stored["acc_minus"] == 0.50
+    assert_one_line_error(run_hpckd("normalized-accuracy", str(runs["replaced"]), "--weak", str(runs["weak"]),
+                                    "--strong", str(runs["weak"])), "weak")
