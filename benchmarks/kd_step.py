@@ -36,20 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hpckd.data.synth import SynthSpec, write_imagefolder  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, next to this script)
 from hpckd.teachers.store import ROW_BYTES, bytes_per_row, human  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"CPU {cpu}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()}), GPU {gpu}, "
             f"torch {torch.__version__}, Python {platform.python_version()}")

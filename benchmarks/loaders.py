@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hpckd.data.aug import train_policy
+from machine import cpu_model  # benchmarks/machine.py, next to this script
 from hpckd.data.index import build_index
 from hpckd.data.sharding import ShardSpec
 from hpckd.data.synth import SynthSpec, write_imagefolder
@@ -40,14 +41,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:

@@ -24,17 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model, load_average  # benchmarks/machine.py, next to this script
+
 
 def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu, load = cpu_model(), load_average()
     return (f"{cpu}, {os.cpu_count()} logical CPUs (load average {load:.1f}), {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}")
 

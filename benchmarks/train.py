@@ -38,6 +38,7 @@ from hpckd.losses import LossConfig, build_loss  # noqa: E402
 from hpckd.models import create  # noqa: E402
 from hpckd.train.backends import build_backend, prepare_model  # noqa: E402
 from hpckd.precision import PrecisionPolicy, autocast  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 # (name, backend, precision, channels_last); the first is the baseline of the ratios.
 CONFIGS = [
@@ -64,7 +65,7 @@ class Result:
 
 def hardware(device: torch.device) -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+            "cpu": cpu_model(), "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "device": str(device), "world_size": str(dist.info().world_size)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -77,16 +78,6 @@ def hardware(device: torch.device) -> dict[str, str]:
     except Exception:  # not installed: the DeepSpeed rows say so
         info["deepspeed"] = "not installed"
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def experiment_config(args, backend: str, precision: str, channels_last: bool, world: int):

@@ -303,3 +303,20 @@ def run_in_tmpfs(mount: Path, command: list[str], *, size: str = "1m", read_only
     if proc.returncode == 97:
         pytest.fail(f"cannot mount a tmpfs in a user namespace here (unshare -rm): {proc.stderr}")
     return proc
+
+
+# ------------------------------------------------------------------------------------------------ SLURM
+
+
+def require_cluster(test_file: str) -> Path:
+    """The running local cluster's state folder (``slurm/with_cluster.sh`` sets HPCKD_SLURM_STATE); fails the calling
+    test (never skips it) when there is none, naming the command that runs ``test_file`` with a cluster."""
+    state = os.environ.get("HPCKD_SLURM_STATE")
+    if not state:
+        pytest.fail(f"{test_file} needs a live SLURM cluster: run it via `bash slurm/with_cluster.sh "
+                    f".venv/bin/python -m pytest {test_file}` (HPCKD_SLURM_STATE is unset)")
+    conf = Path(state) / "etc" / "slurm.conf"
+    if not conf.is_file():
+        pytest.fail(f"HPCKD_SLURM_STATE={state} holds no etc/slurm.conf; start the cluster with slurm/with_cluster.sh")
+    os.environ.setdefault("SLURM_CONF", str(conf))
+    return Path(state)

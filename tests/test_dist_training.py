@@ -36,7 +36,7 @@ from hpckd.sweep.executor import make_executor
 from hpckd.train import engine
 from hpckd.checkpoint import CheckpointStore, load_checkpoint
 from hpckd.train.job import TrainJob
-from tests.helpers import REPO, run_hpckd
+from tests.helpers import REPO, require_cluster, run_hpckd
 
 # submitit jobs unpickle PreemptingTrainJob below; ship this module by value so they need not import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -128,14 +128,6 @@ def test_deepspeed_checkpoint_folder_is_complete_and_loadable(ds_run):
 # ------------------------------------------------------------------------------------------------ SLURM
 
 
-def require_cluster() -> None:
-    state = os.environ.get("HPCKD_SLURM_STATE")
-    if not state:
-        pytest.fail("the preemption test needs a live SLURM cluster: run it via `bash slurm/with_cluster.sh "
-                    ".venv/bin/python -m pytest tests/test_dist_training.py` (HPCKD_SLURM_STATE is unset)")
-    os.environ.setdefault("SLURM_CONF", str(Path(state) / "etc" / "slurm.conf"))
-
-
 def job_fields(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
@@ -189,7 +181,7 @@ def ctld_log(job_id: str) -> str:
 
 @pytest.mark.slurm
 def test_preempted_slurm_job_requeues_and_finishes_like_the_uninterrupted_run(synth_root, ds_run, tmp_path):
-    require_cluster()
+    require_cluster("tests/test_dist_training.py")
     out = tmp_path / "run"
     args = " ".join(job_args(synth_root, out, *ds_args()))
     script = tmp_path / "job.sbatch"
@@ -232,7 +224,7 @@ class PreemptingTrainJob(TrainJob):
 
 @pytest.mark.slurm
 def test_submitit_train_job_is_checkpointed_requeued_and_resumed(synth_root, tmp_path):
-    require_cluster()
+    require_cluster("tests/test_dist_training.py")
     common = ["model.arch=resnet8", "aug=none", "data.loader=torch", "data.num_workers=0", "data.batch_size=16",
               "data.eval_batch_size=20", "optim.epochs=3", "optim.lr=0.02", "log_every=4", f"data.root={synth_root}"]
     out = tmp_path / "run"

@@ -24,6 +24,7 @@ import submitit
 
 from hpckd.errors import ConfigError, UserError
 from hpckd.sweep.executor import JobFailed, collect_results, make_executor, run_array
+from tests.helpers import require_cluster
 
 # The job processes unpickle the task functions below; ship them by value so they need not import this module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -34,21 +35,6 @@ pytestmark = pytest.mark.slurm
 STARTUP_BOUND_S = 90.0
 CANCEL_REPORT_BOUND_S = 20.0
 POLL_S = 0.2
-
-
-def require_cluster() -> Path:
-    """The running cluster's state folder; fails the calling test (never skips it) when there is none."""
-    state = os.environ.get("HPCKD_SLURM_STATE")
-    if not state:
-        pytest.fail(
-            "tests/test_slurm.py needs a live SLURM cluster: run it via "
-            "`bash slurm/with_cluster.sh .venv/bin/python -m pytest tests/test_slurm.py` (HPCKD_SLURM_STATE is unset)"
-        )
-    conf = Path(state) / "etc" / "slurm.conf"
-    if not conf.is_file():
-        pytest.fail(f"HPCKD_SLURM_STATE={state} holds no etc/slurm.conf; start the cluster with slurm/with_cluster.sh")
-    os.environ.setdefault("SLURM_CONF", str(conf))
-    return Path(state)
 
 
 # ------------------------------------------------------------------------------------------- job functions
@@ -107,7 +93,7 @@ def sacct_state(job_id: str, bound_s: float = 10.0) -> str:
 
 
 def test_map_array_of_four_returns_every_result(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     executor = make_executor("slurm", tmp_path / "submitit", array_parallelism=4, timeout_min=5)
     jobs = executor.map_array(square_and_task_id, [0, 1, 2, 3])
     results = collect_results(jobs, poll_s=POLL_S)
@@ -119,14 +105,14 @@ def test_map_array_of_four_returns_every_result(tmp_path: Path) -> None:
 
 
 def test_run_array_passes_tuples_as_positional_arguments(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     executor = make_executor("slurm", tmp_path / "submitit", timeout_min=5)
     results = run_array(executor, divmod, [(7, 2), (9, 4)])
     assert results == [(3, 1), (2, 1)]
 
 
 def test_job_cancelled_from_outside_is_reported_cancelled(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     started, never = tmp_path / "started", tmp_path / "never"
     executor = make_executor("slurm", tmp_path / "submitit", timeout_min=5)
     jobs = executor.map_array(block_until, [str(started)], [str(never)], [300.0])
@@ -151,7 +137,7 @@ def test_job_cancelled_from_outside_is_reported_cancelled(tmp_path: Path) -> Non
 
 
 def test_two_task_job_gives_ranks_zero_and_one(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     executor = make_executor("slurm", tmp_path / "submitit", tasks_per_node=2, cpus_per_task=1, timeout_min=5)
     (per_task,) = run_array(executor, rank_info, [None], poll_s=POLL_S)
     assert {rank for rank, _, _ in per_task} == {0, 1}
@@ -161,7 +147,7 @@ def test_two_task_job_gives_ranks_zero_and_one(tmp_path: Path) -> None:
 
 
 def test_function_error_is_one_line_job_failed(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     executor = make_executor("slurm", tmp_path / "submitit", timeout_min=5)
     with pytest.raises(JobFailed) as info:
         run_array(executor, raise_value_error, [1, 2], poll_s=POLL_S)
@@ -173,7 +159,7 @@ def test_function_error_is_one_line_job_failed(tmp_path: Path) -> None:
 
 
 def test_bad_executor_settings_are_config_errors(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     with pytest.raises(ConfigError, match="unknown executor 'pbs'"):
         make_executor("pbs", tmp_path)
     with pytest.raises(ConfigError, match="bad SLURM executor parameter"):
@@ -182,7 +168,7 @@ def test_bad_executor_settings_are_config_errors(tmp_path: Path) -> None:
 
 @pytest.mark.dist  # dist-check's all-reduce across the two srun tasks
 def test_sbatch_template_runs_two_srun_ranks(tmp_path: Path) -> None:
-    require_cluster()
+    require_cluster("tests/test_slurm.py")
     template = Path(__file__).resolve().parents[1] / "slurm" / "hpckd.sbatch"
     entry = Path(sys.executable).parent / "hpckd"
     submitted = subprocess.run(

@@ -13,7 +13,6 @@ test has its own sweep (and so submitit) folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -22,20 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import log_events, run_hpckd
+from tests.helpers import log_events, require_cluster, run_hpckd
 
 pytestmark = pytest.mark.slurm
 
 BOUND_S = 600.0  # a whole small sweep on a loaded 2-core machine; normal runs take a minute or two
 POLL_S = 0.5
-
-
-def require_cluster() -> None:
-    state = os.environ.get("HPCKD_SLURM_STATE")
-    if not state:
-        pytest.fail("tests/test_sweep_slurm.py needs a live SLURM cluster: run it via `bash slurm/with_cluster.sh "
-                    ".venv/bin/python -m pytest tests/test_sweep_slurm.py` (HPCKD_SLURM_STATE is unset)")
-    os.environ.setdefault("SLURM_CONF", str(Path(state) / "etc" / "slurm.conf"))
 
 
 def tiny_sweep(tmp_path: Path, **extra) -> Path:
@@ -91,7 +82,7 @@ def sacct_state(job_id: str) -> str:
 
 
 def test_a_two_teacher_grid_runs_every_stage_with_exact_dependencies(tmp_path):
-    require_cluster()
+    require_cluster("tests/test_sweep_slurm.py")
     cfg = tiny_sweep(tmp_path, teachers={"T1": {"overrides": ["seed=1"]}, "T2": {"overrides": ["seed=2"]}},
                      grid={"roles": ["T1", "T2"], "letters": {"w": "weak", "s": "strong"}},
                      student_overrides=["seed=3", "loss.name=ensemble_kd"], evaluate=["val_augmented"])
@@ -137,7 +128,7 @@ def test_a_two_teacher_grid_runs_every_stage_with_exact_dependencies(tmp_path):
 
 
 def test_a_failing_teacher_blocks_its_trial_only_and_a_rerun_completes_what_is_missing(tmp_path):
-    require_cluster()
+    require_cluster("tests/test_sweep_slurm.py")
     weights = tmp_path / "broken-weights.pt"
     weights.write_bytes(b"not a checkpoint")
     cfg = tiny_sweep(tmp_path, teachers={"good": {"overrides": ["seed=1"]},
@@ -177,7 +168,7 @@ def test_a_failing_teacher_blocks_its_trial_only_and_a_rerun_completes_what_is_m
 
 
 def test_cancel_stops_the_running_teacher_and_the_queued_trial(tmp_path):
-    require_cluster()
+    require_cluster("tests/test_sweep_slurm.py")
     cfg = tiny_sweep(tmp_path, teachers={"slow": {"overrides": ["seed=1", "optim.epochs=1000"]}},
                      trials=[{"name": "after", "teachers": ["slow"]}])
     root = tmp_path / "sweep"
