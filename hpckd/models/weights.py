@@ -50,7 +50,7 @@ def apply_state_dict(
 ) -> None:
     """Check that ``state`` fits ``model`` exactly, then load it; ``source`` names the origin in the error."""
     model = unwrap(model)
-    state = _strip_wrapper_prefixes(state)
+    state = strip_wrapper_prefixes(state)
     target = model.state_dict()
     head_keys = _head_keys(model)
     skipped = head_keys if drop_head else set()
@@ -84,7 +84,8 @@ def _split(raw: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, 
     raise CheckpointError(f"{path} is neither a state dict nor an hpckd checkpoint (a dict with a 'model' state dict)")
 
 
-def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the prefixes DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) put in front."""
     out = {}
     for key, value in state.items():
         stripped = True

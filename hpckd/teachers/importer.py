@@ -42,7 +42,7 @@ import torch
 from hpckd.checkpoint import save_checkpoint
 from hpckd.errors import CheckpointError
 from hpckd.models import create
-from hpckd.models.weights import WRAPPER_PREFIXES
+from hpckd.models.weights import strip_wrapper_prefixes
 
 StateDict = dict[str, torch.Tensor]
 CONTAINER_KEYS = ("model", "state_dict", "net", "model_state_dict")
@@ -89,17 +89,7 @@ def read_state(path: Path) -> tuple[StateDict, Any]:
     if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict (a mapping of tensors, or one under "
                               f"{', '.join(repr(k) for k in CONTAINER_KEYS)})")
-    return {_strip(k): v for k, v in state.items()}, raw
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
+    return strip_wrapper_prefixes(state), raw
 
 
 def fit_state(state: StateDict, target: Mapping[str, torch.Tensor], arch: str, path: Path) -> tuple[StateDict, str]:
