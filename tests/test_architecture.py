@@ -36,8 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hpckd.losses",),
     ("hpckd.metrics",),
     ("hpckd.train",),
+    ("hpckd.bench", "hpckd.report"),
     ("hpckd.sweep",),
-    ("hpckd.report",),
     ("hpckd.cli", "hpckd.__main__", "hpckd"),
 )
 
