@@ -102,6 +102,6 @@ class BatchOpsConfig:
     # CutMixPick (augmentation study Sec. 4.2; hpckd.data.cutmixpick)
     pick_criterion: str = "teacher_entropy"  # teacher_entropy | student_entropy | kl (teacher || student)
     pick_ratio: float = 0.5  # r: fraction of the pool kept
-    pick_order: str = "highest"  # highest (its code) | lowest (its text: "ascending ... top r")
+    pick_order: str = "highest"  # highest (Sec. 4.2: more information = better; its code) | lowest
     pick_pool: int = 2  # k: CutMix runs per batch in the pool (mix_n_run in its code)
     pick_tau: float = 4.0  # temperature of the kl criterion (the study's KD temperature, tau = 4)

@@ -9,10 +9,12 @@ of the doubled batch (:func:`hpckd.data.batchops.apply_cutmix_pick`). Scores (``
 * ``kl``: KL(sigma(z_t/tau) || sigma(z_s/tau)) at ``batch_ops.pick_tau`` (the code's ``kld`` criterion, at its
   KD temperature; before the config split this was ``loss.tau``).
 
-Which end is kept (``batch_ops.pick_order``): the text says "sort ... in ascending order and keep the top r",
-which reads as the lowest scores; the public code sorts ascending and keeps the *last* n, i.e. the
-**highest** scores (the "pick large-entropy cutmix samples" comment). ``highest`` (default) follows the
-code; ``lowest`` follows the literal text.
+Which end is kept (``batch_ops.pick_order``): the paper's reason for Eq. 11 is that "a sample with more
+*information* is of higher quality", so the samples it keeps are the high-entropy ones; its procedure sentence
+("sort ... in ascending order and keep the top r") agrees when "top" is the top of the sorted list, and the
+public code does exactly that (sorts ascending, keeps the *last* n: "pick large-entropy cutmix samples").
+``highest`` (default) is therefore the paper's definition and the code's; ``lowest`` is the other reading of
+the procedure sentence (the first r after an ascending sort), kept as an option for ablations.
 
 These are pure tensor functions: the batch op that builds the pool asks its scorer for the teacher's (and, for
 the student criteria, the student's) logits on it, calls :func:`select`, and records the kept indices in
