@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-fast lint venv sysdeps clean-demo help
 
 help:
-	@echo "make demo   - install into $(VENV) and run the embedded demo sweep (prints a table)"
+	@echo "make demo   - install into $(VENV) and run the embedded demo: a mini attention study on scikit-learn's digits, ending in report.html"
 	@echo "make test   - install, ruff check, start a local SLURM cluster, run the test suite, stop the cluster"
 	@echo "make test-fast - install, ruff check, run the tests not marked slurm/dist/slow (no cluster, no apt)"
 

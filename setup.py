@@ -21,6 +21,8 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "scipy>=1.10",
+        "pandas>=2.1",  # hpckd.report: tables over seeds (DataFrame.map: 2.1)
+        "tabulate>=0.9",  # pandas.DataFrame.to_markdown in hpckd.report
         "scikit-learn>=1.3",  # metrics.mi_knn: the attention study's nearest-neighbour MI (mutual_info_classif)
         "submitit>=1.5",
         "pillow>=10",

@@ -1,22 +1,10 @@
-"""What machine a benchmark ran on: every benchmark prints it next to its numbers."""
+"""What machine a benchmark ran on (kept for the scripts here; the code lives in :mod:`hpckd.bench.timing`)."""
 
 from __future__ import annotations
 
-import os
-import platform
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+from hpckd.bench.timing import cpu_model, hardware, load_average  # noqa: E402,F401

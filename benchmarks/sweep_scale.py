@@ -58,7 +58,7 @@ def main() -> int:
     print(f"hardware: {hardware()}")
     t0 = time.perf_counter()
     from hpckd.sweep.jobs import write_state
-    from hpckd.sweep.runner import format_plan, format_status, prepare, sweep_status
+    from hpckd.sweep.runner import format_plan, format_progress, format_status, prepare, sweep_status
     from hpckd.sweep.spec import plan_sweep
     print(f"imports: {time.perf_counter() - t0:.2f} s (torch, omegaconf, submitit; paid by every hpckd command)")
 
@@ -95,6 +95,10 @@ def main() -> int:
     rows = sweep_status(out)
     table = format_status(rows)
     print(f"status: {len(rows)} jobs in {time.perf_counter() - t0:.2f} s -> {table.splitlines()[-1]}")
+    t0 = time.perf_counter()
+    live = format_progress(rows)
+    print(f"--wait table (one redraw): {1000 * (time.perf_counter() - t0):.1f} ms")
+    print("  " + "\n  ".join(live.splitlines()))
     if not args.out:
         shutil.rmtree(out.parent, ignore_errors=True)
     return 0

@@ -341,6 +341,24 @@ def _cmd_normalized_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hpckd.report import summary_table, write_report
+
+    html = write_report(args.dir, args.out)
+    print(summary_table(args.dir))
+    print(f"report: {html}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hpckd.bench import run_suites
+
+    report = run_suites(args.suites, args.size, args.device, args.out, args.work)
+    print(f"bench ({report['size']}, {report['device']}): {', '.join(report['suites'])} -> {args.out}/bench.json, "
+          f"{args.out}/bench.md")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from hpckd.data.synth import SynthSpec, parse_size, write_imagefolder
     from hpckd.io import check_output_dir
@@ -380,18 +398,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from hpckd.sweep.executor import SweepStopped
 
     try:
-        run_demo(args.out, executor=args.executor, epochs_scale=args.epochs_scale)
+        return run_demo(args.out, executor=args.executor, epochs_scale=args.epochs_scale, mini=args.mini)
     except SweepStopped as stopped:
         print(f"hpckd: {stopped}; rerun `hpckd demo --out {args.out}` to resume", file=sys.stderr)
         return stopped.exit_code
-    return 0
 
 
 def _cmd_sweep_plan(args: argparse.Namespace) -> int:
     from hpckd.sweep.runner import format_plan
     from hpckd.sweep.spec import plan_sweep
 
-    print(format_plan(plan_sweep(args.config, args.overrides)))
+    print(format_plan(plan_sweep(args.config, args.overrides, out_dir=args.out, mini=args.mini)))
     return 0
 
 
@@ -402,7 +419,7 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
 
     executor = args.executor or default_executor()
     check_executor(executor)  # before planning writes anything
-    plan = plan_sweep(args.config, args.overrides)
+    plan = plan_sweep(args.config, args.overrides, out_dir=args.out, mini=args.mini)
     try:
         rows = run_sweep(plan, executor, wait=args.wait, poll_s=args.poll)
     except SweepStopped as stopped:
@@ -414,6 +431,13 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
     else:
         print(f"follow it with `hpckd sweep status {plan.root}`")
     return 1 if any(r.state in ("failed", "blocked") for r in rows) and (executor != "slurm" or args.wait) else 0
+
+
+def _add_mini_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--mini", action="store_true",
+                   help="apply the config's `mini:` override set (tiny models, few epochs, small data); "
+                        "writes to OUT_DIR-mini unless --out is given")
+    s.add_argument("--out", default=None, help="the sweep folder (instead of the config's out_dir)")
 
 
 def _cmd_sweep_status(args: argparse.Namespace) -> int:
@@ -532,6 +556,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="accuracy", help="metric of results.json (default accuracy)")
     p.set_defaults(func=_cmd_normalized_accuracy)
 
+    p = sub.add_parser("report", help="a sweep folder's tables and figures: report.md, tables/*.csv, figures/*.png, report.html")
+    p.add_argument("dir", help="the sweep's out_dir (with sweep.json)")
+    p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("bench", help="throughput suites with same-run baselines -> OUT/bench.json, OUT/bench.md")
+    p.add_argument("suites", nargs="*", default=[], metavar="SUITE",
+                   help="loaders, teachers, kd-step, overhead, end-to-end, scaling (default: all)")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "full"],
+                   help="tiny: every suite in a minute or two on 2 CPU cores; full: a GPU node at 224 px")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.md, work/)")
+    p.add_argument("--work", default=None, help="folder for generated data, teachers and runs (default: OUT/work)")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("eval", help="every metric of a checkpoint on a split, written into its run's results.json")
     p.add_argument("checkpoint", help="a checkpoint (e.g. RUN/last.pt) to evaluate")
     p.add_argument("--split", default="val", choices=["val", "train"])
@@ -541,10 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides of the checkpoint's config, e.g. data.root=/data/x")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="generate data, train 2 teachers (weak/strong), distill students per trial, print a table")
+    p = sub.add_parser("demo", help="a mini attention study on scikit-learn's digits: 4 teachers, 8 grid trials + 2 baselines, report")
     p.add_argument("--out", default="runs/demo", help="work folder (data, runs, results)")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"], help="where stage jobs run")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. 0.3 for a smoke run)")
+    p.add_argument("--mini", action="store_true", help="the demo's mini override set: 3 trials, 1 epoch, 16 px (a smoke run)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("sweep", help="a study as one YAML: plan, run (SLURM arrays / local), status, cancel")
@@ -552,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sweep_sub.add_parser("plan", help="trials, distinct teachers, stages, sbatch resources, GPU-hours; submits nothing")
     s.add_argument("config", help="sweep YAML (e.g. configs/sweeps/demo.yaml)")
     s.add_argument("overrides", nargs="*", default=[], help="dotted sweep keys, e.g. out_dir=runs/x")
+    _add_mini_args(s)
     s.set_defaults(func=_cmd_sweep_plan)
     s = sweep_sub.add_parser("run", help="submit every stage (SLURM: arrays with afterok dependencies) or run them here")
     s.add_argument("config", help="sweep YAML")
@@ -560,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slurm (default where sbatch is on PATH), local (this machine), debug (in this process)")
     s.add_argument("--wait", action="store_true", help="SLURM: follow the sweep until no job is queued or running")
     s.add_argument("--poll", type=float, default=5.0, help="seconds between status reads with --wait")
+    _add_mini_args(s)
     s.set_defaults(func=_cmd_sweep_run)
     s = sweep_sub.add_parser("status", help="each job's state, job id, elapsed time, last error and log")
     s.add_argument("dir", help="the sweep's out_dir")

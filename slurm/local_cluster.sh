@@ -14,6 +14,9 @@
 # PID recorded in STATE_DIR/pids/NAME.pid, and waited for by polling its own readiness check under a bounded
 # timeout. Clients need only `source STATE_DIR/env.sh` (it exports SLURM_CONF).
 #
+# HPCKD_SLURM_NODES=N (1-4, default 1) makes N nodes, each its own `slurmd -N <host>-nI` on its own port under the
+# one controller, so multi-node jobs (sbatch --nodes=2, a sweep stage with nodes: 2) run for real on one machine.
+#
 # Accounting (slurmdbd + MariaDB) is not optional: without it `sacct` fails and submitit never notices a job that
 # was cancelled from outside.
 
@@ -24,9 +27,12 @@ PARTITION_NAME="debug"
 # Bounded readiness timeouts (seconds); each daemon normally becomes ready in well under a second or two.
 READY_TIMEOUT_S="${HPCKD_SLURM_READY_TIMEOUT:-30}"
 STOP_TIMEOUT_S="${HPCKD_SLURM_STOP_TIMEOUT:-20}"
+# HPCKD_SLURM_NODES=2: that many nodes, each its own slurmd on this machine (one port each, same controller), so a
+# multi-node job (sbatch --nodes=2) runs for real; nodes are then named <host>-n0, <host>-n1, ...
+NODES="${HPCKD_SLURM_NODES:-1}"
 POLL_S=0.1
 # Stop order: reverse of the start order, so clients of a daemon go before the daemon itself.
-DAEMONS_STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
+DAEMONS_STOP_ORDER=(slurmd slurmd-1 slurmd-2 slurmd-3 slurmctld slurmdbd mariadbd munged)
 STATE=""
 LAUNCHED=0 # set once this process has started a daemon: only then may a failed start stop anything
 
@@ -173,6 +179,20 @@ check_prerequisites() {
 
 write_configs() {
     local host="$1" cpus="$2" ctld_port="$3" slurmd_port="$4" dbd_port="$5" mpi_default="$6"
+    local node_lines node_names i slurmd_files="slurmd"
+    ((NODES == 1)) || slurmd_files="slurmd-%n"
+    # One node: named after the host, as a laptop's cluster is. Several: one slurmd each (slurmd -N NAME) on its own
+    # port, with its own spool, pid and log file (%n: the node name).
+    if ((NODES == 1)); then
+        node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN"
+        node_names="$host"
+    else
+        node_lines="" node_names=""
+        for ((i = 0; i < NODES; i++)); do
+            node_lines+="NodeName=$host-n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((slurmd_port + i)) CPUs=$cpus State=UNKNOWN"$'\n'
+            node_names+="${node_names:+,}$host-n$i"
+        done
+    fi
     local munge_sock="$STATE/munge/munge.socket"
 
     cat >"$STATE/mysql/my.cnf" <<EOF
@@ -206,11 +226,11 @@ AuthType=auth/munge
 AuthInfo=socket=$munge_sock
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool/slurmd
+SlurmdSpoolDir=$STATE/spool/$slurmd_files
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdPidFile=$STATE/run/$slurmd_files.pid
 SlurmctldLogFile=$(log_file slurmctld)
-SlurmdLogFile=$(log_file slurmd)
+SlurmdLogFile=$STATE/log/$slurmd_files.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$STATE/etc/plugstack.conf
@@ -234,8 +254,8 @@ AccountingStoragePort=$dbd_port
 # For connections to slurmdbd, Slurm clients take the munge socket from AccountingStoragePass, not AuthInfo.
 AccountingStoragePass=$munge_sock
 JobCompType=jobcomp/none
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=$PARTITION_NAME Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+$node_lines
+PartitionName=$PARTITION_NAME Nodes=$node_names Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 
     # An empty plugin stack, so the host's /etc/slurm/plugstack.conf.d is not picked up.
@@ -329,9 +349,9 @@ start_slurmctld() {
 }
 
 start_slurmd() {
-    local host="$1"
-    launch slurmd slurmd -D -f "$STATE/etc/slurm.conf" -N "$host"
-    wait_ready slurmd "[ \"\$(sinfo -h -n '$host' -o %T)\" = idle ]"
+    local node="$1" name="$2"
+    launch "$name" slurmd -D -f "$STATE/etc/slurm.conf" -N "$node"
+    wait_ready "$name" "[ \"\$(sinfo -h -n '$node' -o %T)\" = idle ]"
 }
 
 start_cluster() {
@@ -351,21 +371,32 @@ start_cluster() {
     t0="$(now_us)"
     host="$(hostname -s)"
     cpus="$(nproc)"
-    read -r ctld_port slurmd_port dbd_port <<<"$(free_ports 3)"
+    # ctld, dbd, then one slurmd port per node
+    read -r ctld_port dbd_port slurmd_port _ <<<"$(free_ports $((2 + NODES)))"
+    ((NODES >= 1 && NODES <= 4)) || die "HPCKD_SLURM_NODES must be 1 to 4, got $NODES"
     mkdir -p "$STATE"/{pids,log,etc,run,ctld,spool/slurmd,munge,mysql/data}
     # munged runs as the munge user and must reach its folder; nothing under STATE is writable by others.
     chmod 755 "$STATE"
     chmod 700 "$STATE/ctld" "$STATE/mysql"
     mpi="$(mpi_default)"
     write_configs "$host" "$cpus" "$ctld_port" "$slurmd_port" "$dbd_port" "$mpi"
-    log "starting cluster '$CLUSTER_NAME' in $STATE (node $host, $cpus CPUs, ports ctld=$ctld_port" \
+    log "starting cluster '$CLUSTER_NAME' in $STATE ($NODES node(s) on $host, $cpus CPUs each, ports ctld=$ctld_port" \
         "slurmd=$slurmd_port dbd=$dbd_port)"
     export SLURM_CONF="$STATE/etc/slurm.conf"
     start_munged
     start_mariadbd
     start_slurmdbd
     start_slurmctld
-    start_slurmd "$host"
+    if ((NODES == 1)); then
+        start_slurmd "$host" slurmd
+    else
+        local i name
+        for ((i = 0; i < NODES; i++)); do
+            name=slurmd
+            ((i == 0)) || name="slurmd-$i"
+            start_slurmd "$host-n$i" "$name"
+        done
+    fi
     log "cluster up in $(elapsed_s "$t0") s; use it with: source $STATE/env.sh"
 }
 

@@ -48,7 +48,7 @@ def small_sweep(data_root: Path, out: Path, epochs: int = 1):
         "teachers": {"T1": {"overrides": ["seed=1"]}, "T2": {"overrides": ["seed=2"]}},
         "student_overrides": ["seed=3", "loss.name=ensemble_kd", "loss.tau=4"],
         "grid": {"roles": ["T1", "T2"], "teacher_letters": {"T1": ["w"], "T2": ["s"]}, "student_letters": ["w"]},
-        "local_parallel": 2,
+        "local_parallel": 2, "report": False,  # the report stage: tests/test_sweep_features.py
     }
     return plan_sweep(None, inline=inline, out_dir=out)
 
@@ -90,20 +90,26 @@ def test_a_sweep_submits_checkpointable_jobs_and_does_not_resubmit_finished_ones
 
 
 def test_the_demo_is_the_shipped_sweep_config(tmp_path):
+    """`hpckd demo` is configs/sweeps/demo.yaml: a mini attention study on scikit-learn's digits -- the 8 T?T?S?
+    trials of a 2-teacher grid over {w, s} and the baselines Sw, Ss, 4 distinct teachers, evaluation, report."""
     plan = demo.demo_plan(tmp_path, epochs_scale=0.5)
-    assert [j.name for j in plan.teachers] == ["T1w", "T2s"]
-    assert [j.name for j in plan.trials] == ["T1wT2sSw", "T1wT2sSs", "Sw-CE-only"]
-    assert {j.config["optim"]["epochs"] for j in [*plan.teachers, *plan.trials]} == {6}
-    assert [(j.config["aug"], j.config["seed"], j.config["model"]["arch"]) for j in plan.teachers] == [
-        ("weak", 1, "resnet20"), ("strong", 2, "resnet20")]
-    assert [(j.config["aug"], j.config["loss"]["name"]) for j in plan.trials] == [
-        ("weak", "ensemble_kd"), ("strong", "ensemble_kd"), ("weak", "ce")]
-    # the data stage generates demo.DATA_SPEC (what `prepare_data` makes) at OUT/data, where it always was
-    (data,) = plan.stage("data")
-    spec = demo.DATA_SPEC
-    assert data.extra["synth"] == {"classes": spec.classes, "per_class": spec.per_class, "size": "32x32",
-                                   "val_per_class": spec.val_per_class, "seed": spec.seed}
-    assert data.config["data"]["root"] == str(tmp_path / "data") and (spec.height, spec.width) == (32, 32)
+    assert plan.sweep.study == "attention"
+    assert sorted(j.name for j in plan.teachers) == ["T1s", "T1w", "T2s", "T2w"]
+    grid = [f"T1{a}T2{b}S{c}" for a in "ws" for b in "ws" for c in "ws"]
+    assert sorted(j.name for j in plan.trials) == sorted([*grid, "Sw", "Ss"])
+    assert {j.config["optim"]["epochs"] for j in [*plan.teachers, *plan.trials]} == {demo.DEMO_EPOCHS // 2}
+    policy = {"w": "weak", "s": "strong"}
+    for t in plan.teachers:  # T<role><letter>: seed = role, augmentation = letter
+        assert (t.config["aug"], t.config["seed"]) == (policy[t.name[2]], int(t.name[1]))
+    for trial in plan.trials:
+        teachers = sorted(d.split("/", 1)[1] for d in trial.deps if d.startswith("teachers/"))
+        assert teachers == sorted([trial.name[0:3], trial.name[3:6]] if len(trial.name) == 8 else [])
+        assert trial.config["aug"] == policy[trial.name[-1]]
+        assert trial.config["loss"]["name"] == ("ensemble_kd" if teachers else "ce")
+    assert len(plan.stage("evaluation")) == 10 and plan.jobs["report/report"].stage == "report"
+    (data,) = plan.stage("data")  # the digits, written in the data stage at OUT/data
+    assert data.extra["digits"] == {"size": 32, "val_fraction": 0.2, "seed": 0}
+    assert data.config["data"]["root"] == str(tmp_path / "data")
 
 
 def test_checkpoint_resubmits_an_equivalent_job(data_root, tmp_path):
@@ -118,7 +124,8 @@ def test_checkpoint_resubmits_an_equivalent_job(data_root, tmp_path):
     assert requeued.args == () and requeued.kwargs == {}
     folder = str(plan.teachers[1].folder)
     expected = {"mode": "train", "config": f"{folder}/config.yaml", "overrides": [], "folder": folder,
-                "stage": "teachers", "config_hash": plan.teachers[1].config_hash, "threads": 3}
+                "stage": "teachers", "config_hash": plan.teachers[1].config_hash, "threads": 3,
+                "data_folder": str(tmp_path / "datasets" / "tiny")}  # whose fingerprints its results must match
     assert vars(requeued.function) == vars(call) == expected
 
 
@@ -158,3 +165,27 @@ def test_a_teacher_job_trains_and_its_requeued_self_resumes_exactly(data_root, t
     resumed_weights = final_weights(out)
     assert resumed_weights.keys() == weights.keys()
     assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow  # the whole demo path in subprocesses: data, 2 teachers, 3 students, evaluation, report
+def test_the_mini_demo_runs_every_stage_and_ends_with_its_report(tmp_path):
+    from tests.helpers import run_hpckd
+
+    out = tmp_path / "demo"
+    proc = run_hpckd("demo", "--mini", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    html = out / "report" / "report.html"
+    assert lines[-1] == f"report: {html}" and html.stat().st_size > 0
+    for trial in ("T1wT2sSw", "T1wT2sSs", "Sw"):  # the summary table and the report list every trial
+        assert any(line.split() and line.split()[0] == trial for line in lines), proc.stdout
+        assert trial in html.read_text()
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["study"] == "attention" and manifest["mini"] is True
+    assert all(r.state == "done" for r in sweep_status(out))
+    # the digits data set, 16 px as the mini set says, and the augmented pass of the evaluation stage
+    assert json.loads((out / "datasets" / "digits" / "index.json").read_text())["train"] == 1438
+    assert next((out / "data" / "val").rglob("*.png")).stat().st_size > 0
+    evaluated = json.loads((out / "trials" / "Sw" / "results.json").read_text())
+    stored = evaluated["eval"]
+    assert {"val", "val_augmented", "val_affinity"} <= set(stored)  # Affinity's clean and augmented passes

@@ -41,7 +41,8 @@ def test_shipped_sweeps_have_the_studies_shapes():
     shapes = {name: (len(plan.trials), len(plan.teachers)) for name, plan in counts.items()}
     # attention: (27 grid + 2 baselines) x 2 data sets x 3 seeds; teachers 2 roles x 3 policies x 2 x 3
     # augmentation: 9 schemes x 2 epoch budgets, one teacher; fidelity: 3 ensembles x 2 x 2 x 2 x 2, 5 teachers
-    assert shapes == {"attention": (174, 36), "augmentation": (18, 1), "demo": (3, 2), "fidelity": (48, 5)}
+    # demo: the 8 trials of a 2-teacher grid over {w, s} + Sw, Ss; teachers T1w, T1s, T2w, T2s
+    assert shapes == {"attention": (174, 36), "augmentation": (18, 1), "demo": (10, 4), "fidelity": (48, 5)}
 
 
 def test_the_grid_names_every_assignment_and_shares_teachers(tmp_path):

@@ -13,12 +13,14 @@ test has its own sweep (and so submitit) folder.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import log_events, require_cluster, run_hpckd
@@ -89,11 +91,17 @@ def test_a_two_teacher_grid_runs_every_stage_with_exact_dependencies(tmp_path):
     root = tmp_path / "sweep"
     proc = run_hpckd("sweep", "run", str(cfg), "--executor", "slurm", "--wait", "--poll", "1", timeout=BOUND_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --wait without a terminal (a log file, a pipe): plain progress lines, one per change, no cursor movement;
+    # the last one has every stage complete.
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("data [")]
+    assert "\x1b" not in proc.stdout and len(progress) >= 2, proc.stdout
+    assert re.fullmatch(r"data \[#{10}\] 1/1 \| teachers \[#{10}\] 4/4 \| students \[#{10}\] 8/8 \| "
+                        r"evaluation \[#{10}\] 8/8( \| report \[#{10}\] 1/1)?", progress[-1]), progress[-1]
 
     trials = [f"T1{a}T2{b}S{c}" for a in "ws" for b in "ws" for c in "ws"]  # every assignment, in grid order
     teachers = ["T1w", "T1s", "T2w", "T2s"]
     rows = status(root)
-    assert sorted(rows) == sorted(["tiny", *teachers, *trials, *(f"eval:{t}" for t in trials)])
+    assert sorted(rows) == sorted(["tiny", *teachers, *trials, *(f"eval:{t}" for t in trials), "report"])
     assert {name: row[1] for name, row in rows.items()} == dict.fromkeys(rows, "done"), rows
 
     data_id = job_record(root, "datasets", "tiny", "data")["job_id"]
@@ -122,9 +130,30 @@ def test_a_two_teacher_grid_runs_every_stage_with_exact_dependencies(tmp_path):
         array = record["job_id"].split("_")[0]
         assert dependency_line(submission_file(root, "evaluation", evaluation["job_id"])) == f"aftercorr:{array}"
         assert evaluation["job_id"].split("_")[1] == record["job_id"].split("_")[1]
+    # The report waits for every trial and evaluation, and runs whether they succeeded or not (afterany).
+    report = json.loads((root / "sweep-report.job.json").read_text())
+    waits = dependency_line(submission_file(root, "report", report["job_id"]))
+    assert waits.startswith("afterany:") and sorted(waits.split(":")[1:]) == sorted(
+        [job_record(root, "trials", t, stage)["job_id"] for t in trials for stage in ("students", "evaluation")])
+    assert (root / "report" / "report.html").is_file()
     # A re-run finds everything done and submits nothing.
     again = run_hpckd("sweep", "run", str(cfg), "--executor", "slurm")
-    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, (again.stdout + again.stderr,
+                                                                            results_evidence(root, trials))
+
+
+def results_evidence(root: Path, trials: list[str]) -> dict[str, object]:
+    """For a failure message: what a trial's done-check reads (its results' metrics and data fingerprints, the
+    data set's fingerprints now)."""
+    evidence: dict[str, object] = {"data": (root / "datasets" / "tiny" / "fingerprint.json").read_text()}
+    for trial in trials:
+        try:
+            results = json.loads((root / "trials" / trial / "results.json").read_text())
+            evidence[trial] = (sorted(results), results.get("data", {}).get("train_fingerprint"),
+                               results.get("data", {}).get("val_fingerprint"), sorted(results.get("eval", {})))
+        except (OSError, ValueError) as exc:
+            evidence[trial] = repr(exc)
+    return evidence
 
 
 def test_a_failing_teacher_blocks_its_trial_only_and_a_rerun_completes_what_is_missing(tmp_path):
@@ -138,8 +167,9 @@ def test_a_failing_teacher_blocks_its_trial_only_and_a_rerun_completes_what_is_m
     proc = run_hpckd("sweep", "run", str(cfg), "--executor", "slurm", "--wait", "--poll", "1", timeout=BOUND_S)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # something failed: the exit status says so
     rows = status(root)
+    # The report ran all the same (afterany): a sweep with a failed teacher still gets one.
     assert {name: row[1] for name, row in rows.items()} == {"tiny": "done", "good": "done", "bad": "failed",
-                                                          "A": "done", "B": "blocked"}, rows
+                                                          "A": "done", "B": "blocked", "report": "done"}, rows
     bad_line = [line for line in run_hpckd("sweep", "status", str(root)).stdout.splitlines() if " bad " in line][0]
     assert str(weights) in bad_line and "log: " in bad_line, bad_line  # the error, and where the log is
     assert "needs teachers/bad, which is failed" in rows["B"][-1]
@@ -159,7 +189,7 @@ def test_a_failing_teacher_blocks_its_trial_only_and_a_rerun_completes_what_is_m
     proc = run_hpckd("sweep", "run", str(cfg), "--executor", "slurm", "--wait", "--poll", "1", timeout=BOUND_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "teachers: submitted 1 job(s)" in proc.stdout and "students: submitted 1 job(s)" in proc.stdout
-    assert {name: row[1] for name, row in status(root).items()} == dict.fromkeys(first, "done")
+    assert {name: row[1] for name, row in status(root).items()} == dict.fromkeys([*first, "report"], "done")
     second = {key: job_record(root, kind, key, stage)["job_id"] for key, kind, stage in
               [("tiny", "datasets", "data"), ("good", "teachers", "teachers"), ("bad", "teachers", "teachers"),
                ("A", "trials", "students"), ("B", "trials", "students")]}
@@ -183,13 +213,123 @@ def test_cancel_stops_the_running_teacher_and_the_queued_trial(tmp_path):
 
     proc = run_hpckd("sweep", "cancel", str(root))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "cancelled 2 job(s): teachers/slow, students/after"
+    assert proc.stdout.strip() == "cancelled 3 job(s): teachers/slow, students/after, report/report"
     ids = [job_record(root, "teachers", "slow", "teachers")["job_id"],
-           job_record(root, "trials", "after", "students")["job_id"]]
-    while [sacct_state(i) for i in ids] != ["CANCELLED", "CANCELLED"]:
+           job_record(root, "trials", "after", "students")["job_id"],
+           json.loads((root / "sweep-report.job.json").read_text())["job_id"]]
+    while [sacct_state(i) for i in ids] != ["CANCELLED"] * 3:
         assert time.monotonic() < deadline, [sacct_state(i) for i in ids]
         time.sleep(POLL_S)
     rows = status(root)
     assert rows["slow"][1] == "failed" and "CANCELLED" in rows["slow"][-1], rows
     assert rows["after"][1] == "blocked" and rows["tiny"][1] == "done", rows
     assert not (root / "teachers" / "slow" / "results.json").exists()
+
+
+def log_records(log: Path) -> list[dict]:
+    """Every complete record of a run's ``log.jsonl``, in order."""
+    records = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # the line being written right now
+    return records
+
+
+def trained_after_start(log: Path, starts: int) -> bool:
+    """The run has started ``starts`` times and logged an optimizer step since the last start."""
+    events = [r.get("event") for r in log_records(log)]
+    begun = [i for i, e in enumerate(events) if e == "start"]
+    return len(begun) >= starts and "step" in events[begun[starts - 1]:]
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def release_requeued(job_id: str, deadline: float) -> None:
+    """SLURM holds a requeued job about 120 s (cred_expire) before it may start again; lift that once the requeue
+    is complete (the job is PENDING again with one restart more: until its old run has ended it is COMPLETING, and
+    SLURM sets the hold only then) and the clock has left that second (slurmd refuses a launch credential from the
+    second of the kill: see tests/test_dist_training.py)."""
+    while not ((job := scontrol_job(job_id))["JobState"] == "PENDING" and int(job.get("Restarts", 0)) >= 1):
+        assert time.monotonic() < deadline, job
+        time.sleep(POLL_S)
+    second = math.floor(time.time()) + 1
+    while time.time() < second:
+        time.sleep(0.02)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+
+
+def test_preempted_trials_requeue_and_resume_up_to_the_limit_then_fail_with_the_reason(tmp_path):
+    """Two trials train; SLURM sends each SIGUSR2 (`scancel --signal=USR2`) mid-run: both checkpoint, are requeued
+    (`sweep status` says requeued) and resume. Trial A then finishes with exactly the result of an independent,
+    uninterrupted run of its config; trial B is preempted a second time, past `stages.students.max_requeues: 1`,
+    and fails with the reason, its checkpoint kept."""
+    require_cluster("tests/test_sweep_slurm.py")
+    from hpckd.sweep.runner import ACTIVE, sweep_status
+
+    slow = ["data.batch_size=8", "optim.epochs=30"]  # 240 steps: long enough to be signalled while training
+    cfg = tiny_sweep(tmp_path, report=False, trials=[{"name": "A", "overrides": ["seed=1", *slow]},
+                                                     {"name": "B", "overrides": ["seed=2", *slow]}])
+    spec = yaml.safe_load(cfg.read_text())
+    spec["stages"]["students"]["max_requeues"] = 1
+    cfg.write_text(yaml.safe_dump(spec))
+    root = tmp_path / "sweep"
+    proc = run_hpckd("sweep", "run", str(cfg), "--executor", "slurm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = {t: job_record(root, "trials", t, "students")["job_id"] for t in "AB"}
+    logs = {t: root / "trials" / t / "log.jsonl" for t in "AB"}
+    deadline = time.monotonic() + BOUND_S
+
+    def states() -> dict[str, object]:
+        return {r.name: r for r in sweep_status(root) if r.stage == "students"}
+
+    def wait(predicate, what: str):
+        while not (value := predicate()):
+            assert time.monotonic() < deadline, (what, {n: (r.state, r.detail) for n, r in states().items()})
+            time.sleep(POLL_S)
+        return value
+
+    for t in "AB":
+        wait(lambda t=t: trained_after_start(logs[t], 1), f"{t} training")
+        subprocess.run(["scancel", "--signal=USR2", ids[t]], check=True)
+    for t in "AB":
+        wait(lambda t=t: states()[t].state == "requeued", f"{t} shown requeued")
+        release_requeued(ids[t], deadline)
+    wait(lambda: trained_after_start(logs["B"], 2), "B training again after its requeue")
+    subprocess.run(["scancel", "--signal=USR2", ids["B"]], check=True)  # one requeue spent: past the limit now
+    rows = wait(lambda: (r := states()) and not any(row.state in ACTIVE for row in r.values()) and r, "the end")
+
+    assert rows["A"].state == "done", (rows["A"].detail, rows["A"].log)
+    assert rows["B"].state == "failed" and "requeued 1 times, limit 1" in rows["B"].detail, rows["B"].detail
+    line = [ln for ln in run_hpckd("sweep", "status", str(root)).stdout.splitlines() if " B " in ln][0]
+    assert "RequeueLimitReached: requeued 1 times, limit 1 (stages.students.max_requeues)" in line, line
+    assert "log: " in line, line
+    ended = wait(lambda: (s := sacct_state(ids["B"])) not in ("", "PENDING", "RUNNING", "COMPLETING") and s, "B ended")
+    assert ended == "FAILED", ended  # SLURM's record agrees: the job failed, it was not requeued
+    assert list((root / "trials" / "B" / "checkpoints").glob("step-*.pt"))  # kept: a rerun resumes from it
+    for t in "AB":
+        started = json.loads((root / "trials" / t / "sweep-students.started.json").read_text())
+        assert started["attempt"] == 2 and started["job_id"] == ids[t], started
+        assert [r["event"] for r in log_records(logs[t])].count("preempted") == (1 if t == "A" else 2)
+
+    results = json.loads((root / "trials" / "A" / "results.json").read_text())
+    (resume,) = results["resumes"]
+    assert 1 <= resume["step"] < results["steps"] == 240, resume
+    # The independent, uninterrupted run of A's config, in this process (one thread, as the job had).
+    from hpckd.checkpoint import load_checkpoint
+    from hpckd.train import engine
+    from hpckd.train.experiment import load_experiment
+
+    ref_out = tmp_path / "reference"
+    ref = engine.run(load_experiment(str(root / "trials" / "A" / "config.yaml"), [f"out_dir={ref_out}"]),
+                     mode="train")
+    assert ref["resumes"] == [] and ref["steps"] == 240
+    assert results["history"] == ref["history"] and results["metrics"] == ref["metrics"]
+    final, expected = load_checkpoint(root / "trials" / "A" / "last.pt")["model"], load_checkpoint(ref_out / "last.pt")["model"]
+    assert final.keys() == expected.keys()
+    for key in final:
+        assert torch.equal(final[key], expected[key]), key

@@ -204,11 +204,12 @@ for k in $(seq 1 "$NPARTS"); do
   size=$REPO; for c in "${carry[@]}"; do size=$((size + $(bytes_of "$c"))); done
   case "$k" in
     1) work="stash 1, install small, checks core (env, dist, serving, DDP training variants); bench data in the background";;
-    "$NPARTS") work="stash $k, install (DALI), checks dali, bench loaders";;
+    "$NPARTS") work="stash $k, install (DALI), checks dali, hpckd bench loaders/kd-step/end-to-end (full)";;
     *) work="stash $k, checks deepspeed, bench train";;
   esac
   verdict="fits"; [ "$size" -gt "$LIMIT" ] && { verdict="TOO BIG"; ok=0; }
   printf 'call %d: carry %-32s %s of 64 MiB (%s): %s\n' "$k" "$(IFS=,; echo "${carry[*]}")" "$(mib "$size")" "$verdict" "$work"
 done
-echo "call $((NPARTS + 1)) (optional, no carry, only while the machine is still warm): re-run what failed"
+echo "call $((NPARTS + 1)) (no carry, machine still warm): hpckd bench teachers/overhead/scaling (full)"
+echo "call $((NPARTS + 2)) (optional, no carry, only while the machine is still warm): re-run what failed"
 [ "$ok" = 1 ] || { echo "ERROR: a call is over the limit (RESERVE_MB=$((RESERVE / 1048576))); the repo grew?"; exit 1; }

@@ -11,16 +11,20 @@
 #   call 2  command: bash benchmarks/gpu/run.sh call 2        carry: [".whl/dali-2"]                 timeout_s: 600
 #           stash part 2, checks group deepspeed (ZeRO 0/1/2, bf16/fp16/fp32, vs DDP), bench train
 #   call 3  command: bash benchmarks/gpu/run.sh call 3        carry: [".whl/dali-3"]                 timeout_s: 600
-#           stash part 3, install DALI (join + sha256 + unpack), checks group dali, bench loaders
-#   call 4  (optional, machine still warm, no carry): e.g. bash benchmarks/gpu/run.sh checks --only NAME,...
+#           stash part 3, install DALI (join + sha256 + unpack), checks group dali, `hpckd bench --size full` suites
+#           loaders, kd-step, end-to-end (each in its own folder, limits 120/150/120 s)
+#   call 4  command: bash benchmarks/gpu/run.sh call 4        carry: []                              timeout_s: 600
+#           (machine still warm) `hpckd bench --size full` suites teachers, overhead, scaling (limits 240/60/60 s)
+#   call 5  (optional, machine still warm, no carry): e.g. bash benchmarks/gpu/run.sh checks --only NAME,...
 #
 # (prepare.sh prints the number of parts P. Call K carries .whl/dali-K; call 2 does the DeepSpeed work whenever
 # P > 2, further middle calls only stash, and call P, the last, does the DALI work: `call` reads P from MANIFEST.json.)
-# Device time: 1-2 min to start, then about 6 + 6 + 6 min (18-20 min in all). Worst case, every budget used up
-# (checks 400/200/240 s, bench train 240 s, bench loaders 200 s, each check's overrun at most 30 s): about 27 min.
+# Device time: 1-2 min to start, then about 6 + 6 + 8 + 3 min (23-25 min in all). Worst case, every budget used up
+# (checks 400/200/120 s, bench train 240 s, bench suites 390 + 360 s, each overrun at most 30 s): about 32 min,
+# more than the 30 min a session gets: call 4 is the one to drop when less is left.
 #
 # Subcommands (all from the repo root; environment overrides for testing elsewhere: HPCKD_STASH, HPCKD_SITE,
-# HPCKD_SITE_DALI, HPCKD_WORK, OUT, PYTHON, CHECKS_DEVICE=cpu, CHECKS_BUDGET, BENCH_TRAIN_TIMEOUT, BENCH_LOADERS_TIMEOUT):
+# HPCKD_SITE_DALI, HPCKD_WORK, OUT, PYTHON, CHECKS_DEVICE=cpu, CHECKS_BUDGET, BENCH_TRAIN_TIMEOUT, BENCH_SUITE_TIMEOUT, BENCH_SIZE, BENCH_DEVICE):
 #   probe                     GPU, driver, python, torch, CUDA libraries DALI may dlopen (nvjpeg, npp) -> $OUT/probe.txt
 #   stash K                   copy .whl/dali-K/* to $HPCKD_STASH (/var/tmp/hpckd-dali), verify, list what is there
 #   install [small|dali|all]  small: pip install --target $HPCKD_SITE (/var/tmp/site) .whl/small/*.whl (+ the
@@ -28,8 +32,10 @@
 #                             sha256, unpack into $HPCKD_SITE_DALI (/var/tmp/site-dali); then print versions
 #   versions                  import nvidia.dali, omegaconf, submitit, deepspeed, pydantic and print their versions
 #   checks [ARGS]             benchmarks/gpu/checks.py --device cuda ARGS -> $OUT/gpu_checks.json
-#   data                      generate the loader benchmark's JPEGs (2,048 x 375x500) into $HPCKD_WORK/bench-data
-#   bench [train|loaders|all] benchmarks/train.py / benchmarks/loaders.py with GPU settings -> $OUT/bench_*.json
+#   data                      generate the bench suites' JPEGs (2,048 x 375x500) into $HPCKD_WORK/bench/work/data
+#   bench [train|gpu-only|dali|all|SUITE...]  train: benchmarks/train.py (backends); gpu-only: `hpckd bench teachers`,
+#                             `overhead`, `scaling`; dali: `hpckd bench loaders`, `kd-step`, `end-to-end`; SUITE...: those
+#                             suites; each suite `--size full` (BENCH_SIZE) -> $OUT/bench_SUITE.json + .md
 #   call N                    step N of the plan above
 set -uo pipefail
 
@@ -144,33 +150,49 @@ checks() {
   "$PYTHON" benchmarks/gpu/checks.py --device "${CHECKS_DEVICE:-cuda}" --work "$WORK/checks" --out "$OUT/gpu_checks.json" "$@"
 }
 
-data() {  # idempotent; an interrupted generation is started over
-  [ -f "$WORK/bench-data/.complete" ] && { echo "bench data: ready in $WORK/bench-data"; return 0; }
-  rm -rf "$WORK/bench-data"
-  "$PYTHON" - "$WORK/bench-data" <<'EOF' && touch "$WORK/bench-data/.complete"
+data() {  # idempotent: the ImageNet-like JPEGs every full-size bench suite reads (2,048 x 375x500, 16 classes)
+  "$PYTHON" - "$WORK/bench" <<'EOF'
 import sys, time
 from pathlib import Path
-sys.path.insert(0, "benchmarks")
-import loaders  # noqa: E402
+import torch
+from hpckd.bench.common import FULL_DATA, Context, dataset
 t0 = time.time()
-root = loaders.dataset(Path(sys.argv[1]), 2048, 16, 375, 500)
+root = dataset(Context("full", torch.device("cpu"), Path(sys.argv[1]), Path(sys.argv[1]) / "work"), **FULL_DATA)
 print(f"bench data: {root} ready in {time.time() - t0:.0f} s")
 EOF
 }
 
-bench() {
+bench_suite() {  # one `hpckd bench` suite at size full into its own folder (a timeout loses that suite only)
+  local suite=$1 limit=$2
+  log "hpckd bench $suite --size ${BENCH_SIZE:-full} --device ${BENCH_DEVICE:-cuda} (limit $limit s)"
+  timeout -k 10 "$limit" "$PYTHON" -m hpckd bench "$suite" --size "${BENCH_SIZE:-full}" --device "${BENCH_DEVICE:-cuda}" \
+    --out "$WORK/bench/$suite" --work "$WORK/bench/work" || return $?
+  cp "$WORK/bench/$suite/bench.json" "$OUT/bench_$suite.json"
+  cp "$WORK/bench/$suite/bench.md" "$OUT/bench_$suite.md"
+}
+
+bench() {  # bench [train|gpu-only|dali|all|SUITE...]: gpu-only needs no DALI, dali runs the suites that use it
   local what=${1:-all} rc=0
   if [ "$what" = train ] || [ "$what" = all ]; then
     log "bench train: ResNet-18/50 at 224 px, batch 128, DDP vs DeepSpeed ZeRO-1, fp32/bf16/channels-last"
     timeout -k 10 "${BENCH_TRAIN_TIMEOUT:-240}" "$PYTHON" benchmarks/train.py --arch resnet18,resnet50 --image-size 224 \
-      --batch-size 128 --steps 25 --repeats 3 --warmup 8 --zero-stage 1 --device cuda --json "$OUT/bench_train.json" || rc=$?
+      --batch-size 128 --steps 25 --repeats 3 --warmup 8 --zero-stage 1 --device "${BENCH_DEVICE:-cuda}" \
+      --json "$OUT/bench_train.json" || rc=$?
   fi
-  if [ "$what" = loaders ] || [ "$what" = all ]; then
-    log "bench loaders: 2,048 JPEGs 375x500 -> 224 px, batch 128, weak + strong; DALI (GPU) vs torch loaders, 16 workers"
-    timeout -k 10 "${BENCH_LOADERS_TIMEOUT:-200}" "$PYTHON" benchmarks/loaders.py --images 2048 --classes 16 --size 375x500 \
-      --crop 224 --batch 128 --threads 16 --warmup 3 --min-batches 30 --policies weak,strong \
-      --loaders "${LOADERS:-dali,hpckd-torch,torchvision}" --data "$WORK/bench-data" --json "$OUT/bench_loaders.json" || rc=$?
+  if [ "$what" = gpu-only ] || [ "$what" = all ]; then
+    bench_suite teachers "${BENCH_SUITE_TIMEOUT:-240}" || rc=$?  # inductor compiles ResNet-50 in its warm-up
+    bench_suite overhead "${BENCH_SUITE_TIMEOUT:-60}" || rc=$?
+    bench_suite scaling "${BENCH_SUITE_TIMEOUT:-60}" || rc=$?
   fi
+  if [ "$what" = dali ] || [ "$what" = all ]; then
+    bench_suite loaders "${BENCH_SUITE_TIMEOUT:-120}" || rc=$?
+    bench_suite kd-step "${BENCH_SUITE_TIMEOUT:-150}" || rc=$?
+    bench_suite end-to-end "${BENCH_SUITE_TIMEOUT:-120}" || rc=$?
+  fi
+  case "$what" in
+    train|gpu-only|dali|all) ;;
+    *) for suite in "$@"; do bench_suite "$suite" "${BENCH_SUITE_TIMEOUT:-150}" || rc=$?; done ;;
+  esac
   return "$rc"
 }
 
@@ -209,6 +231,11 @@ call() {
         echo "The plan must start again from call 1 (run the calls back to back); nothing done."
         return 2
       fi
+      if [ "$n" -gt "$parts" ]; then  # after the last part: the bench suites that need no DALI
+        bench gpu-only || rc=$?
+        log "plan call $n done (status $rc); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+        return "$rc"
+      fi
       stash "$n" || rc=$?
       if [ "$n" -lt "$parts" ]; then
         if [ "$n" = 2 ]; then
@@ -218,12 +245,12 @@ call() {
       else
         data
         if install dali; then
-          checks --groups dali --budget-s "${CHECKS_BUDGET:-240}" || rc=$?
-          bench loaders || rc=$?
+          checks --groups dali --budget-s "${CHECKS_BUDGET:-120}" || rc=$?
+          bench dali || rc=$?
         else
           rc=1
-          echo "DALI is not usable: the DALI checks are skipped; the loader benchmark runs the torch loaders only"
-          LOADERS=hpckd-torch,torchvision bench loaders || rc=$?
+          echo "DALI is not usable: the DALI checks are skipped; the bench suites run with the torch loaders only"
+          bench dali || rc=$?
         fi
         [ "$parts" -lt 3 ] && echo "(payload in $parts parts: run 'run.sh checks --groups deepspeed' and 'run.sh bench train' in one more call)"
       fi

@@ -565,7 +565,7 @@ class DaliLoader(EpochLoader):
                 pass
 
     def _batch(self, out: dict, epoch: int) -> Batch:
-        index = out["index"].reshape(-1).to(self.device, dtype=torch.int64)
+        index = out["index"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True)  # never wait for the device
         views = {name: self.image_format.apply(out[name], self.device) for name in self.views}
         aug = {name: {f: out[f"{name}.{f}"] for f in fields} for name, fields in self.fields.items()}
         return Batch(views=views, labels=self.labels[index], index=index, epoch=epoch, aug=aug)

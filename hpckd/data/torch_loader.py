@@ -103,7 +103,8 @@ class TorchLoader(EpochLoader):
         self.sampler.epoch, self.sampler.start = self.state.epoch, start
         try:
             for index, views, params in self.loader:
-                index = index.to(self.device, dtype=torch.int64)
+                # Pinned (pin_memory on CUDA): an asynchronous copy; a blocking one would wait for the device.
+                index = index.to(self.device, dtype=torch.int64, non_blocking=True)
                 views = {k: self.image_format.apply(v, self.device) for k, v in views.items()}
                 self.state.step += 1
                 yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch,

@@ -13,8 +13,10 @@ Both accept models wrapped in DDP (``.module``) or ``torch.compile`` (``._orig_m
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torchvision
@@ -100,6 +102,67 @@ def cam_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     if feats.dim() == 4 and feats.shape[-2] * feats.shape[-1] == 1:
         _warn_flat_cam(model, int(x.shape[-1]), int(x.shape[-1]) // max(1, int(feats.shape[-1])))
     return feats, head.weight, head.bias
+
+
+def forward_with_cam(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor | None]:
+    """(logits, feature map, classifier weight, classifier bias) of a CNN from ONE forward pass.
+
+    The model's own forward gives the logits; the last convolutional feature map is captured on its way to the
+    head (a forward hook on the trunk's last module, or the ``features`` / ``forward_features`` method wrapped for
+    this one call), so the evaluation runs each teacher once per batch instead of once for the logits and once more
+    for :func:`cam_features`. The map is the one :func:`cam_features` returns, bit for bit: the same modules on the
+    same input. A model whose forward does not pass through the capture point gets the trunk-only pass."""
+    inner = unwrap(model)
+    trunk, head = _cam_parts(inner)
+    captured: list[torch.Tensor] = []
+    with _capturing_feature_map(inner, captured):
+        logits = model(x)
+    feats = captured[-1] if captured else trunk(x)
+    if feats.dim() == 4 and feats.shape[-2] * feats.shape[-1] == 1:
+        _warn_flat_cam(model, int(x.shape[-1]), int(x.shape[-1]) // max(1, int(feats.shape[-1])))
+    return logits, feats, head.weight, head.bias
+
+
+@contextlib.contextmanager
+def _capturing_feature_map(model: nn.Module, captured: list[torch.Tensor]) -> Iterator[None]:
+    """Append the trunk's output to ``captured`` during the forward passes inside the block; nothing stays behind."""
+    def keep(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        captured.append(out)
+
+    if isinstance(model, torchvision.models.ResNet):
+        module: nn.Module | None = model.layer4
+    else:
+        features = getattr(model, "features", None)
+        module = features if isinstance(features, nn.Module) else None
+    if module is not None:
+        handle = module.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    # ``features`` is a method (the registry's CIFAR nets; timm nets call ``forward_features``): wrap it on the
+    # instance for this call only (an instance attribute shadows the class's method), then put back what was there.
+    names = [n for n in ("features", "forward_features") if callable(getattr(model, n, None))]
+    saved = {n: model.__dict__[n] for n in names if n in model.__dict__}
+    for name in names:
+        original = getattr(model, name)
+
+        def wrapped(*args: Any, _original: Callable[..., torch.Tensor] = original, **kwargs: Any) -> torch.Tensor:
+            out = _original(*args, **kwargs)
+            captured.append(out)
+            return out
+
+        object.__setattr__(model, name, wrapped)
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                object.__setattr__(model, name, saved[name])
+            else:
+                object.__delattr__(model, name)
 
 
 class CamResolutionWarning(UserWarning):

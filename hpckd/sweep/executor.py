@@ -363,3 +363,37 @@ def _debug_outcome(job: submitit.Job) -> _Outcome:
         return _Outcome(job.job_id, result=job.result())
     except Exception as exc:  # the function ran in this process; report its error like a cluster job's
         return _Outcome(job.job_id, state="FAILED", detail=f"{type(exc).__name__}: {exc}")
+
+
+class RequeueLimitReached(RuntimeError):
+    """A job was preempted or timed out again after it had been requeued ``limit`` times already."""
+
+
+class RequeueLimit(submitit.helpers.Checkpointable):
+    """A checkpointable sweep job (a :class:`~hpckd.sweep.jobs.SweepTrainJob`, a logits job) with a requeue limit.
+
+    submitit counts time-outs only (``max_num_timeout``): a job preempted with ``scancel --signal=USR2`` is requeued
+    for ever. This wrapper counts every requeue itself -- the count travels in the pickle submitit requeues -- and
+    once ``limit`` requeues were spent, the next preemption raises :class:`RequeueLimitReached` instead of
+    requeueing: the job fails, and its error state (written by the job it wraps) says why. The checkpoint stays in
+    the run's folder, so a later ``hpckd sweep run`` resumes from it."""
+
+    def __init__(self, call: Callable[[], Any], limit: int, requeues: int = 0, setting: str = "max_requeues") -> None:
+        self.call, self.limit, self.requeues, self.setting = call, int(limit), int(requeues), setting
+
+    def __call__(self) -> Any:
+        return self.call()
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Called by submitit's signal handler on rank 0, after the training loop wrote its checkpoint.
+        if self.requeues >= self.limit:
+            raise RequeueLimitReached(f"requeued {self.requeues} times, limit {self.limit} ({self.setting}); "
+                                      f"its checkpoint is kept: rerun the sweep to resume it")
+        return submitit.helpers.DelayedSubmission(RequeueLimit(self.call, self.limit, self.requeues + 1, self.setting),
+                                                  *args, **kwargs)
+
+
+def with_requeue_limit(call: Callable[[], Any], limit: int, setting: str = "max_requeues") -> Callable[[], Any]:
+    """``call`` wrapped in :class:`RequeueLimit` when it can be requeued (it is checkpointable), else unchanged;
+    ``setting`` names the limit's config key in the error."""
+    return RequeueLimit(call, limit, setting=setting) if hasattr(call, "checkpoint") else call

@@ -1,11 +1,13 @@
 """What a sweep job runs, and the small state files each job keeps in its own folder.
 
-A job's folder is its run's ``out_dir`` (teachers, trials) or ``datasets/<name>`` (data stage); the evaluation stage
-uses its trial's folder. State files, all written atomically, are ``sweep-<stage>.<kind>.json``:
+A job's folder is its run's ``out_dir`` (teachers, trials), ``datasets/<name>`` (data stage) or ``logits/<name>``
+(logits stage; the store is its ``store/``); the evaluation stage uses its trial's folder and the report stage the
+sweep folder itself. State files, all written atomically, are ``sweep-<stage>.<kind>.json``:
 
 * ``job``     -- written by the driver when it submits: executor, job id, array id, log paths, submit time;
 * ``started`` -- written by the job when it starts (attempt count: a requeued job starts again);
-* ``done``    -- written by the job after its work succeeded, with the config hash it ran;
+* ``done``    -- written by the job after its work succeeded, with the config hash it ran (and, for teachers,
+  trials and stores, the data set's state folder whose ``fingerprint.json`` its results must still match);
 * ``error``   -- written by the job when its work raised: the error line and the log path.
 
 No file is shared between jobs, so a 1,000-trial sweep never has jobs rewriting one state file.
@@ -98,8 +100,10 @@ class _Recorded:
                                                           "job_id": _job_id()})
             raise
         if main:
-            write_state(folder, self.stage, "done", {"time": now(), "config_hash": self.config_hash,
-                                                     "job_id": _job_id()})
+            record = {"time": now(), "config_hash": self.config_hash, "job_id": _job_id()}
+            if getattr(self, "data_folder", None):  # whose fingerprint.json the sweep's done-check compares with
+                record["data_folder"] = self.data_folder
+            write_state(folder, self.stage, "done", record)
         return result
 
 
@@ -107,21 +111,72 @@ class SweepTrainJob(_Recorded, TrainJob):
     """A teacher or a trial: ``hpckd train``/``distill`` of the config stored in its folder. Checkpointable (a
     :class:`~hpckd.train.job.TrainJob`): on preemption or time-out it checkpoints, is requeued and resumes."""
 
-    def __init__(self, mode: str, folder: str | os.PathLike, stage: str, config_hash: str, threads: int = 1) -> None:
+    def __init__(self, mode: str, folder: str | os.PathLike, stage: str, config_hash: str, threads: int = 1,
+                 data_folder: str | None = None) -> None:
         TrainJob.__init__(self, mode, str(Path(folder) / "config.yaml"), [])
         self.folder, self.stage, self.config_hash, self.threads = str(folder), stage, config_hash, threads
+        self.data_folder = data_folder
 
     def __call__(self) -> dict[str, Any]:
+        if self.data_folder:
+            set_aside_stale_run(Path(self.folder), Path(self.data_folder))
         return self._record(lambda: TrainJob.__call__(self))
 
 
-class DataJob(_Recorded):
-    """The data stage for one data set: generate it (``synth``) unless complete, then build and check its index
-    once (cached next to the data), before any trial reads it."""
+FINGERPRINTS = "fingerprint.json"  # in a data set's state folder: {train, val} fingerprints of its data now
 
-    def __init__(self, folder: str | os.PathLike, config_hash: str, synth: dict | None, threads: int = 1) -> None:
+
+def read_fingerprints(data_folder: Path) -> dict[str, str] | None:
+    try:
+        record = json.loads((Path(data_folder) / FINGERPRINTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "train" in record else None
+
+
+def results_fingerprints(results: dict[str, Any]) -> dict[str, str]:
+    data = results.get("data") if isinstance(results.get("data"), dict) else {}
+    return {"train": data.get("train_fingerprint"), "val": data.get("val_fingerprint")}
+
+
+def data_changed(folder: Path, data_folder: Path) -> bool:
+    """The run in ``folder`` finished on other data than its data set holds now (their fingerprints differ)."""
+    now_fp = read_fingerprints(data_folder)
+    try:
+        results = json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if now_fp is None or not isinstance(results, dict):
+        return False
+    ran = results_fingerprints(results)
+    return any(ran[split] and ran[split] != now_fp.get(split) for split in ("train", "val"))
+
+
+def set_aside_stale_run(folder: Path, data_folder: Path) -> Path | None:
+    """A run finished on data that has changed since is started afresh: its outputs (checkpoints, results, logs;
+    not its config and state files) move to ``stale-<time>/`` in its folder, kept for the user, never deleted."""
+    if not data_changed(folder, data_folder):
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = folder / f"stale-{stamp}"
+    aside.mkdir()
+    for entry in folder.iterdir():
+        if entry.name == "config.yaml" or entry.name.startswith(("sweep-", "stale-")):
+            continue
+        os.rename(entry, aside / entry.name)
+    return aside
+
+
+class DataJob(_Recorded):
+    """The data stage for one data set: generate it (``synth``, ``digits``) unless complete, then build and check
+    its index once (cached next to the data), before any trial reads it; records the data's fingerprints
+    (``fingerprint.json``), which a finished run's results must match to count as done."""
+
+    def __init__(self, folder: str | os.PathLike, config_hash: str, synth: dict | None, threads: int = 1,
+                 digits: dict | None = None) -> None:
         self.folder, self.stage, self.config_hash, self.synth, self.threads = (str(folder), "data", config_hash,
                                                                               synth, threads)
+        self.digits = digits
 
     def __call__(self) -> dict[str, Any]:
         return self._record(self._work)
@@ -138,8 +193,15 @@ class DataJob(_Recorded):
             made = ensure_synth(cfg.data.root, SynthSpec(
                 classes=self.synth["classes"], per_class=self.synth["per_class"],
                 val_per_class=self.synth["val_per_class"], height=h, width=w, seed=self.synth["seed"]))
+        if getattr(self, "digits", None):
+            from hpckd.data.digits import DigitsSpec, ensure_digits
+
+            made = ensure_digits(cfg.data.root, DigitsSpec(**self.digits))
         train, val = load_splits(cfg.data)  # builds (and caches) the index; fails on unreadable data
-        summary = {"root": cfg.data.root, "train": len(train), "val": len(val), "synth": made}
+        fingerprints = {"train": train.fingerprint(), "val": val.fingerprint()}
+        summary = {"root": cfg.data.root, "train": len(train), "val": len(val), "synth": made,
+                   "fingerprints": fingerprints}
+        atomic_write_json(Path(self.folder) / FINGERPRINTS, fingerprints)
         atomic_write_text(Path(self.folder) / "index.json", json.dumps(summary) + "\n")
         return summary
 
@@ -180,3 +242,75 @@ class EvalJob(_Recorded):
                 out.update(evaluate_checkpoint(checkpoint, split=split, augmented=augmented))
         dist.shutdown()
         return {key: value.get("accuracy") for key, value in out.items() if isinstance(value, dict)}
+
+
+class LogitsJob(_Recorded, submitit.helpers.Checkpointable):
+    """The logits stage: ``hpckd teachers cache`` of a store that students read (``serving.mode=cached``), written
+    once for every trial with the same teachers, data and views (:func:`hpckd.sweep.spec.store_identity`). A
+    requeued job continues: finished shards are skipped (:func:`hpckd.teachers.store_writer.cache`)."""
+
+    def __init__(self, folder: str | os.PathLike, config_hash: str, store: str, epochs: int, threads: int = 1,
+                 data_folder: str | None = None) -> None:
+        self.folder, self.stage, self.config_hash, self.threads = str(folder), "logits", config_hash, threads
+        self.store, self.epochs, self.data_folder = str(store), int(epochs), data_folder
+
+    def __call__(self) -> dict[str, Any]:
+        return self._record(self._work)
+
+    def _work(self) -> dict[str, Any]:
+        from hpckd import dist
+        from hpckd.teachers.store_writer import cache
+        from hpckd.train.experiment import load_experiment
+
+        cfg = load_experiment(str(Path(self.folder) / "config.yaml"))
+        info = dist.init(cfg.dist.device)
+        set_aside_stale_store(cfg, Path(self.store), self.epochs, info)
+        folder = cache(cfg, epochs=self.epochs, out=self.store, log=lambda line: print(line, flush=True))
+        dist.shutdown()
+        return {"store": str(folder)}
+
+
+def set_aside_stale_store(cfg: Any, store: Path, epochs: int, info: Any) -> Path | None:
+    """A store written for other teachers or data (a teacher or the data set changed since) is moved to
+    ``stale-<time>-store`` beside it, so the writer starts a new one instead of refusing the folder."""
+    from hpckd import dist
+    from hpckd.teachers.store import key_difference
+    from hpckd.teachers.store_writer import make_plan
+
+    aside = None
+    manifest = store / "manifest.json"
+    if info.is_main and manifest.is_file():
+        found = json.loads(manifest.read_text())
+        plan = make_plan(cfg, epochs, 0, str(store), 0, info.device.type)
+        if key_difference(plan.key, found.get("key", {})) is not None or found.get("layout") != plan.manifest["layout"]:
+            aside = store.parent / f"stale-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-store"
+            os.rename(store, aside)
+    if info.distributed:
+        dist.barrier()  # every rank writes into the new store
+    return aside
+
+
+def store_data_changed(store: Path, data_folder: Path) -> bool:
+    """The logit store was written from other data than its data set holds now."""
+    now_fp = read_fingerprints(data_folder)
+    try:
+        key = json.loads((Path(store) / "manifest.json").read_text()).get("key", {})
+    except (OSError, ValueError):
+        return False
+    return now_fp is not None and key.get("data_fingerprint") not in (None, now_fp.get("train"))
+
+
+class SweepReportJob(_Recorded):
+    """The report stage: :func:`hpckd.report.write_report` of the sweep folder (``<root>/report/``), after every
+    trial and evaluation that could finish; its state files are ``<root>/sweep-report.*.json``."""
+
+    def __init__(self, root: str | os.PathLike, config_hash: str = "", threads: int = 1) -> None:
+        self.folder, self.stage, self.config_hash, self.threads = str(root), "report", config_hash, threads
+
+    def __call__(self) -> dict[str, Any]:
+        return self._record(self._work)
+
+    def _work(self) -> dict[str, Any]:
+        from hpckd.report import write_report
+
+        return {"report": str(write_report(self.folder))}

@@ -11,7 +11,9 @@ Layout of a sweep folder (``out_dir`` of the sweep config)::
 On SLURM every stage is submitted at once: one array per distinct dependency set (one for the teachers of a data
 set, one per teacher combination for the students, ...), each with ``--dependency=afterok:<exactly the jobs it
 needs>`` and ``--kill-on-invalid-dep=yes`` (a job whose dependency failed is ended, and reported blocked).
-Locally (and in-process with ``debug``) the stages run in order, ``local_parallel`` jobs at a time.
+Locally (and in-process with ``debug``) the stages run in order, each keeping ``local_parallel`` jobs running
+(a job starts as soon as a slot is free). ``--wait`` follows a SLURM sweep with a table of progress bars redrawn
+in place on a terminal, or one progress line per change otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,8 +39,10 @@ from omegaconf import OmegaConf
 
 from hpckd.errors import ConfigError, UserError
 from hpckd.io import atomic_write_json, atomic_write_text
-from hpckd.sweep.executor import JobFailed, cancel_on_signals, collect_results, make_executor
-from hpckd.sweep.jobs import (DataJob, EvalJob, SweepTrainJob, clear_state, now, read_state, write_state)
+from hpckd.sweep.executor import (JobFailed, cancel_on_signals, collect_results, make_executor,
+                                  with_requeue_limit)
+from hpckd.sweep.jobs import (DataJob, EvalJob, LogitsJob, SweepReportJob, SweepTrainJob, clear_state, data_changed,
+                              now, read_state, store_data_changed, write_state)
 from hpckd.sweep.spec import STAGE_NAMES, Job, Plan, Resources
 
 STATES = ("new", "pending", "running", "requeued", "done", "failed", "blocked")
@@ -142,7 +147,9 @@ def dataset_size(plan: Plan, name: str) -> tuple[int, int]:
     if spec is None:
         return 0, 1000
     images = spec.train_images or (spec.synth.classes * spec.synth.per_class if spec.synth else 0)
-    classes = spec.num_classes or (spec.synth.classes if spec.synth else 1000)
+    if not images and spec.digits:  # scikit-learn's 1,797 digits, less the val split
+        images = round(1797 * (1 - spec.digits.val_fraction))
+    classes = spec.num_classes or (spec.synth.classes if spec.synth else 10 if spec.digits else 1000)
     return images, classes
 
 
@@ -178,26 +185,67 @@ def format_plan(plan: Plan, max_listed: int = 40) -> str:
 # ------------------------------------------------------------------------------------------- writing the sweep
 
 
+def check_folder(plan: Plan) -> None:
+    """The folder belongs to this sweep: its ``sweep.json`` was written by a sweep of the same content (the
+    normalised spec's hash, :func:`hpckd.sweep.spec.spec_hash`), whatever either is named; one line otherwise."""
+    manifest_path = plan.root / "sweep.json"
+    if not manifest_path.is_file():
+        return
+    try:
+        old = json.loads(manifest_path.read_text())
+    except ValueError:
+        old = {}
+    recorded = old.get("spec_hash")
+    if recorded is None:  # written before spec hashes: the name is all there is to compare
+        differs = old.get("name") not in (None, plan.sweep.name)
+    else:
+        differs = recorded != plan.spec_hash
+    if differs:
+        raise ConfigError(f"{plan.root} holds sweep {old.get('name')!r}, made by another config "
+                          f"({old.get('source')}; its content differs from {plan.source}): give this sweep "
+                          f"({plan.sweep.name!r}) its own out_dir, or remove {manifest_path} to reuse the folder")
+
+
+def check_data(plan: Plan) -> None:
+    """A data set indexed by an earlier run whose files have changed since: its fingerprints are recorded anew
+    (``fingerprint.json``, which finished runs are checked against) and its data stage runs again."""
+    from hpckd.data.datasets import load_splits
+    from hpckd.sweep.jobs import FINGERPRINTS, read_fingerprints
+
+    for job in plan.stage("data"):
+        recorded = read_fingerprints(job.folder)
+        if recorded is None or not is_done(job.folder, "data", job.config_hash):
+            continue  # never indexed: the data stage will
+        try:
+            train, val = load_splits(OmegaConf.create(job.config)["data"])
+            current = {"train": train.fingerprint(), "val": val.fingerprint()}
+        except UserError:
+            current = {}  # unreadable now: the data stage runs again and reports why
+        if current != {k: recorded.get(k) for k in ("train", "val")}:
+            if current:
+                atomic_write_json(job.folder / FINGERPRINTS, current)
+            clear_state(job.folder, "data", ("done",))
+
+
 def prepare(plan: Plan) -> None:
     """Check the folder belongs to this sweep, then write ``sweep.json`` and every job's ``config.yaml``."""
     manifest_path = plan.root / "sweep.json"
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("name") not in (None, plan.sweep.name):
-            raise ConfigError(f"{plan.root} holds sweep {old.get('name')!r}, made by another config "
-                              f"({old.get('source')}); give this sweep ({plan.sweep.name!r}) its own out_dir")
+    check_folder(plan)
+    check_data(plan)
     plan.root.mkdir(parents=True, exist_ok=True)
-    manifest = {"name": plan.sweep.name, "source": plan.source, "written": now(),
+    manifest = {"name": plan.sweep.name, "study": plan.sweep.study, "source": plan.source, "written": now(),
+                "spec_hash": plan.spec_hash, "mini": plan.mini,
                 "jobs": [{"key": j.key, "stage": j.stage, "name": j.name, "folder": str(j.folder),
                           "deps": list(j.deps), "config_hash": j.config_hash} for j in plan.jobs.values()]}
     atomic_write_json(manifest_path, manifest)
     atomic_write_text(plan.root / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.structured(plan.sweep)))
+    report = plan.jobs.get("report/report")
+    if report is not None and any(not is_done(j.folder, j.stage, j.config_hash) for j in plan.jobs.values()
+                                  if j is not report):
+        clear_state(report.folder, report.stage, ("done",))  # something runs again: so does the report, after it
     for job in plan.jobs.values():
-        if job.stage == "evaluation":
-            continue  # evaluates its trial's config
+        if job.stage in ("evaluation", "report"):
+            continue  # evaluates its trial's config; reads the sweep folder
         job.folder.mkdir(parents=True, exist_ok=True)
         path = job.folder / "config.yaml"
         text = yaml.safe_dump(job.config, sort_keys=False)  # plain YAML: OmegaConf.to_yaml is 20x slower
@@ -207,10 +255,16 @@ def prepare(plan: Plan) -> None:
 
 def make_call(job: Job, threads: int) -> Callable[[], Any]:
     if job.stage == "data":
-        return DataJob(job.folder, job.config_hash, job.extra.get("synth"), threads)
+        return DataJob(job.folder, job.config_hash, job.extra.get("synth"), threads, job.extra.get("digits"))
     if job.stage == "evaluation":
         return EvalJob(job.folder, job.config_hash, job.extra["evaluate"], threads)
-    return SweepTrainJob(job.mode, job.folder, job.stage, job.config_hash, threads)
+    if job.stage == "logits":
+        return LogitsJob(job.folder, job.config_hash, job.extra["store"], job.extra["epochs"], threads,
+                         str(job.data_folder) if job.data_folder else None)
+    if job.stage == "report":
+        return SweepReportJob(job.folder, job.config_hash, threads)
+    return SweepTrainJob(job.mode, job.folder, job.stage, job.config_hash, threads,
+                         str(job.data_folder) if job.data_folder else None)
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -228,7 +282,8 @@ class Row:
 
 
 def is_done(folder: Path, stage: str, expected_hash: str) -> bool:
-    """The job's work finished for exactly this config (and a training run's results are readable)."""
+    """The job's work finished for exactly this config (and a training run's results are readable, and were
+    computed on the data its data set holds now: the fingerprints match; the report's report.html is there)."""
     done = read_state(folder, stage, "done")
     if done is None or done.get("config_hash") != expected_hash:
         return False
@@ -237,7 +292,13 @@ def is_done(folder: Path, stage: str, expected_hash: str) -> bool:
             results = json.loads((Path(folder) / "results.json").read_text())
         except (OSError, ValueError):
             return False
+        if done.get("data_folder") and data_changed(Path(folder), Path(done["data_folder"])):
+            return False
         return isinstance(results, dict) and isinstance(results.get("metrics"), dict)
+    if stage == "report":
+        return (Path(folder) / "report" / "report.html").is_file()
+    if stage == "logits" and done.get("data_folder"):
+        return not store_data_changed(Path(folder) / "store", Path(done["data_folder"]))
     return True
 
 
@@ -262,14 +323,19 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
     except (OSError, subprocess.SubprocessError) as exc:
         raise UserError(f"cannot query SLURM accounting (sacct): {exc}") from exc
     states: dict[str, tuple[str, str]] = {}
+    pending_ranges: dict[str, tuple[str, str]] = {}
     for line in out.splitlines():
         fields = line.strip().split("|")
         if len(fields) < 3:
             continue
         job_id, state, elapsed = fields[0], fields[1].split()[0] if fields[1] else "UNKNOWN", fields[2]
-        for task in expand_array_id(job_id):
-            states[task] = (state, elapsed)
-    return states
+        if "[" in job_id:
+            pending_ranges.update(dict.fromkeys(expand_array_id(job_id), (state, elapsed)))
+        else:
+            states[job_id] = (state, elapsed)
+    # A task's own record wins over the array's range record ("12_[0-3]"), which accounting may still list as
+    # pending for a while after its tasks have started (slurmdbd is updated asynchronously).
+    return {**pending_ranges, **states}
 
 
 def expand_array_id(job_id: str) -> list[str]:
@@ -331,9 +397,12 @@ def sweep_status(root: str | Path, entries: list[dict[str, Any]] | None = None) 
         scheduler = slurm_states(arrays) if arrays else {}
         for entry in stage_entries:
             rows[entry["key"]] = _row(entry, records[entry["key"]], scheduler)
-    # A job that is not done and needs a failed or blocked job is blocked (SLURM ends it: kill-on-invalid-dep).
+    # A job that is not done and needs a failed or blocked job is blocked (SLURM ends it: kill-on-invalid-dep);
+    # not the report, which runs after whatever could finish (afterany).
     for entry in entries:
         row = rows[entry["key"]]
+        if entry["stage"] == "report":
+            continue
         bad = [d for d in entry["deps"] if rows.get(d) and rows[d].state in ("failed", "blocked")]
         if bad and row.state not in ("done", "running"):
             row.state, row.detail = "blocked", f"needs {bad[0]}, which is {rows[bad[0]].state}"
@@ -351,6 +420,14 @@ def _row(entry: dict[str, Any], job: dict[str, Any] | None, scheduler: dict[str,
         row.state, row.elapsed = "done", _elapsed((started or {}).get("time"), done.get("time"))
         return row
     done = read_state(folder, stage, "done")
+    if done and done.get("config_hash") == entry["config_hash"] and not error:
+        if done.get("data_folder") and (store_data_changed(folder / "store", Path(done["data_folder"]))
+                                        if stage == "logits" else data_changed(folder, Path(done["data_folder"]))):
+            row.detail = "its data set changed since it ran: runs again"
+            return row
+        if stage == "report":
+            row.detail = f"{folder / 'report' / 'report.html'} is missing: runs again"
+            return row
     if done and done.get("config_hash") == entry["config_hash"]:  # finished, but its results are unreadable
         row.state, row.detail = "failed", f"{folder / 'results.json'} is missing or not valid JSON; rerun to redo it"
         return row
@@ -408,7 +485,7 @@ def run_sweep(plan: Plan, executor: str, *, wait: bool = False, poll_s: float = 
     if executor == "slurm":
         _submit_slurm(plan, current, echo)
         if wait:
-            return follow(plan.root, poll_s, echo)
+            return follow(plan.root, poll_s, echo, live=echo is print and sys.stdout.isatty())
         return sweep_status(plan.root)
     _run_in_order(plan, current, executor, echo)
     return sweep_status(plan.root)
@@ -451,7 +528,11 @@ def _submit_slurm(plan: Plan, current: dict[str, Row], echo: Callable[[str], Non
             try:
                 # submitit echoes sbatch's stderr; a failure is reported below in one line instead.
                 with contextlib.redirect_stderr(io.StringIO()):
-                    submitted = ex.submit_array([make_call(job, resources.cpus_per_task) for job in members])
+                    # Every requeue counts against max_requeues, preemptions too (submitit counts time-outs only).
+                    submitted = ex.submit_array([with_requeue_limit(make_call(job, resources.cpus_per_task),
+                                                                    resources.max_requeues,
+                                                                    f"stages.{stage}.max_requeues")
+                                                 for job in members])
             except (submitit.core.utils.FailedJobError, OSError, subprocess.SubprocessError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                 done = f"; {stage} and later stages were not submitted" + (
@@ -470,13 +551,15 @@ def _submit_slurm(plan: Plan, current: dict[str, Row], echo: Callable[[str], Non
 def _dependency_groups(plan: Plan, stage: str, todo: list[Job],
                        job_ids: dict[str, str]) -> list[tuple[str, list[Job]]]:
     """The arrays to submit and each one's ``--dependency``: ``afterok`` on exactly the jobs its members need that
-    are not done yet; an evaluation array whose tasks are its trials' array tasks 0..n-1 in order uses
+    are not done yet (the report: ``afterany``); an evaluation array whose tasks are its trials' array tasks 0..n-1 in order uses
     ``aftercorr`` (task i waits for trial task i only), otherwise each evaluation waits for its own trial."""
     if stage != "evaluation":
+        # The report follows whatever could finish (afterany): a sweep with failed or blocked trials still gets one.
+        kind = "afterany" if stage == "report" else "afterok"
         out = []
         for deps, members in stage_groups(plan, stage, todo):
             waits = [job_ids[d] for d in deps if d in job_ids]  # done dependencies need no waiting
-            out.append(("afterok:" + ":".join(waits) if waits else "", members))
+            out.append((f"{kind}:" + ":".join(waits) if waits else "", members))
         return out
     by_array: dict[str, list[Job]] = {}
     for job in todo:
@@ -508,7 +591,8 @@ def _run_in_order(plan: Plan, current: dict[str, Row], executor: str, echo: Call
         for job in jobs:
             if states[job.key] == "done":
                 continue
-            if all(states.get(d) == "done" for d in job.deps):
+            # The report runs after whatever could finish (SLURM: afterany), so a failed trial still gets one.
+            if all(states.get(d) == "done" for d in job.deps) or job.stage == "report":
                 todo.append(job)
             else:
                 blocked.append(job)
@@ -520,54 +604,116 @@ def _run_in_order(plan: Plan, current: dict[str, Row], executor: str, echo: Call
             echo(f"{stage}: blocked (a job it needs failed): {', '.join(j.name for j in blocked)}")
         resources: Resources = getattr(plan.sweep.stages, stage)
         parallel = plan.sweep.local_parallel or max(1, (os.cpu_count() or 1) // resources.cpus_per_task)
-        for i in range(0, len(todo), parallel):
-            chunk = todo[i:i + parallel]
-            threads = max(1, (os.cpu_count() or 1) // len(chunk)) if executor == "local" else 1
-            ex = make_executor(executor, plan.root / "submitit" / stage, timeout_min=resources.time_min)
-            echo(f"{stage}: running {', '.join(j.name for j in chunk)} on the {executor} executor")
-            submitted: list[submitit.Job] = []
-            for job in chunk:
+        for job in _run_window(plan, stage, todo, executor, parallel, echo):
+            states[job.key] = "done" if is_done(job.folder, job.stage, job.config_hash) else "failed"
+            if states[job.key] == "failed":
+                error = read_state(job.folder, job.stage, "error") or {}
+                echo(f"{stage}: {job.name} failed: {error.get('error', 'no result')}")
+
+
+def _run_window(plan: Plan, stage: str, todo: list[Job], executor: str, parallel: int,
+                echo: Callable[[str], None], poll_s: float = 0.5) -> list[Job]:
+    """Run ``todo`` keeping ``parallel`` jobs running: a free slot is refilled as soon as a job ends (not chunks
+    that wait for their slowest job). Returns the jobs in the order they ended. The debug executor runs each job
+    in this process, one after another."""
+    if not todo:
+        return []
+    resources: Resources = getattr(plan.sweep.stages, stage)
+    ex = make_executor(executor, plan.root / "submitit" / stage, timeout_min=resources.time_min)
+    width = max(1, min(parallel, len(todo)))
+    # The cores are shared by the jobs that run at once.
+    threads = max(1, (os.cpu_count() or 1) // width) if executor == "local" else 1
+    queue, running, ended = list(todo), [], []
+    submitted: list[submitit.Job] = []  # what a signal cancels: everything submitted so far
+    with cancel_on_signals(submitted):
+        while queue or running:
+            while queue and len(running) < width:
+                job = queue.pop(0)
                 clear_state(job.folder, job.stage)
-            with cancel_on_signals(submitted):  # a signal during submission cancels what was submitted so far
-                submitted.extend(ex.submit_array([make_call(job, threads) for job in chunk]))
-                for job, sub in zip(chunk, submitted):
-                    _record_submission(job, sub, executor)
+                echo(f"{stage}: running {job.name} on the {executor} executor")
+                sub = ex.submit(make_call(job, threads))
+                submitted.append(sub)
+                _record_submission(job, sub, executor)
+                running.append((job, sub))
+                if executor == "debug":
+                    break  # runs on first access, below: one at a time
+            finished = [(job, sub) for job, sub in running if isinstance(sub, submitit.DebugJob) or sub.done()]
+            if not finished:
+                time.sleep(poll_s)  # polling the jobs' processes (submitit's done() reads their exit)
+                continue
+            for job, sub in finished:
+                running.remove((job, sub))
+                ended.append(job)
                 try:
-                    collect_results(submitted, poll_s=0.5)
+                    collect_results([sub], poll_s=poll_s)
                 except JobFailed:
-                    pass  # each job recorded its own error; the rows below say which
-            for job in chunk:
-                states[job.key] = "done" if is_done(job.folder, job.stage, job.config_hash) else "failed"
-                if states[job.key] == "failed":
-                    error = read_state(job.folder, job.stage, "error") or {}
-                    echo(f"{stage}: {job.name} failed: {error.get('error', 'no result')}")
+                    pass  # the job recorded its own error; the caller's rows say which
+    return ended
 
 
-def follow(root: Path, poll_s: float, echo: Callable[[str], None]) -> list[Row]:
-    """``--wait``: a progress line per stage whenever something changes, until no job is active."""
-    last = None
+def follow(root: Path, poll_s: float, echo: Callable[[str], None], live: bool = False) -> list[Row]:
+    """``--wait``: follow the sweep until no job is queued or running. ``live`` (stdout is a terminal): a table with
+    a progress bar per stage, redrawn in place (:func:`format_progress`); otherwise one progress line per change
+    (:func:`progress_line`), which reads well in a log file."""
+    last, drawn = None, 0
     while True:
         rows = sweep_status(root)
-        line = progress_line(rows)
-        if line != last:
-            echo(line)
-            last = line
+        if live:
+            block = format_progress(rows)
+            if block != last:
+                sys.stdout.write(redraw(drawn, block))
+                sys.stdout.flush()
+                drawn, last = block.count("\n") + 1, block
+        else:
+            line = progress_line(rows)
+            if line != last:
+                echo(line)
+                last = line
         if not any(r.state in ACTIVE for r in rows):
             return rows
-        time.sleep(poll_s)
+        time.sleep(poll_s)  # the scheduler is polled: sacct has no way to notify
+
+
+def redraw(previous_lines: int, block: str) -> str:
+    """The text that replaces the ``previous_lines`` lines written last (cursor up, clear to the end) by
+    ``block``."""
+    up = f"\x1b[{previous_lines}F\x1b[J" if previous_lines else ""
+    return up + block + "\n"
+
+
+def _stage_counts(rows: Sequence[Row], stage: str) -> tuple[int, int, str]:
+    mine = [r for r in rows if r.stage == stage]
+    done = sum(r.state == "done" for r in mine)
+    extra = ", ".join(f"{n} {s}" for s in ("running", "pending", "requeued", "failed", "blocked", "new")
+                      if (n := sum(r.state == s for r in mine)))
+    return done, len(mine), extra
+
+
+def format_progress(rows: Sequence[Row], width: int = 24) -> str:
+    """The live table of ``--wait`` on a terminal: per stage a bar of its done jobs (``#``), failed or blocked ones
+    (``x``) and active ones (``>``), ``done/total``, and how many are in each other state."""
+    lines = [f"{'stage':<11} {'progress':<{width + 2}} {'done':>9}  other"]
+    for stage in STAGE_NAMES:
+        mine = [r for r in rows if r.stage == stage]
+        if not mine:
+            continue
+        done, total, extra = _stage_counts(rows, stage)
+        bad = sum(r.state in ("failed", "blocked") for r in mine)
+        active = sum(r.state in ACTIVE for r in mine)
+        cells = [round(width * n / total) for n in (done, done + bad, done + bad + active)]
+        bar = "#" * cells[0] + "x" * (cells[1] - cells[0]) + ">" * (cells[2] - cells[1])
+        lines.append(f"{stage:<11} [{bar:<{width}}] {f'{done}/{total}':>9}  {extra}".rstrip())
+    return "\n".join(lines)
 
 
 def progress_line(rows: Sequence[Row]) -> str:
     parts = []
     for stage in STAGE_NAMES:
-        mine = [r for r in rows if r.stage == stage]
-        if not mine:
+        if not any(r.stage == stage for r in rows):
             continue
-        done = sum(r.state == "done" for r in mine)
-        bar = "#" * round(10 * done / len(mine))
-        extra = ", ".join(f"{n} {s}" for s in ("running", "pending", "requeued", "failed", "blocked")
-                          if (n := sum(r.state == s for r in mine)))
-        parts.append(f"{stage} [{bar:<10}] {done}/{len(mine)}" + (f" ({extra})" if extra else ""))
+        done, total, extra = _stage_counts(rows, stage)
+        bar = "#" * round(10 * done / total)
+        parts.append(f"{stage} [{bar:<10}] {done}/{total}" + (f" ({extra})" if extra else ""))
     return " | ".join(parts)
 
 

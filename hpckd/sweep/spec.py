@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,7 +38,8 @@ from hpckd.train.experiment import load_experiment, validate_experiment
 SWEEP_DIR_TOKEN = "{sweep}"  # replaced by the sweep folder's absolute path in every override
 EVALUATIONS = ("val_augmented", "train")
 AXIS_TARGETS = ("students", "all")
-STAGE_NAMES = ("data", "teachers", "students", "evaluation")
+STAGE_NAMES = ("data", "teachers", "logits", "students", "evaluation", "report")
+STUDIES = ("attention", "augmentation", "fidelity", "response")  # the report's views (hpckd.report)
 DEFAULT_LETTERS = {"n": "none", "w": "weak", "s": "strong"}  # the attention study's policies
 
 
@@ -74,6 +75,8 @@ class Stages:
     teachers: Resources = field(default_factory=Resources)
     students: Resources = field(default_factory=Resources)
     evaluation: Resources = field(default_factory=lambda: Resources(time_min=30))
+    logits: Resources = field(default_factory=lambda: Resources(time_min=60))
+    report: Resources = field(default_factory=lambda: Resources(time_min=30))
 
 
 @dataclass
@@ -88,9 +91,20 @@ class SynthData:
 
 
 @dataclass
+class DigitsData:
+    """scikit-learn's 1,797 8x8 handwritten digits, written at ``data.root`` as an ImageFolder in the data stage
+    (:func:`hpckd.data.digits.ensure_digits`): 10 classes, ``size`` x ``size`` PNGs, a stratified val split."""
+
+    size: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
 class DatasetSpec:
     overrides: list[str] = field(default_factory=list)  # e.g. [data.root=/data/cifar100, data.format=cifar100]
     synth: Optional[SynthData] = None  # noqa: UP045
+    digits: Optional[DigitsData] = None  # noqa: UP045
     train_images: int = 0  # for the GPU-hours estimate (0: from synth, else unknown)
     num_classes: int = 0  # for the MAC count (0: from synth, else 1000)
 
@@ -136,8 +150,20 @@ class EstimateSpec:
 
 
 @dataclass
+class MiniSpec:
+    """``--mini``: the same study, small (tiny models, few epochs, small data) so that it runs in the tests."""
+
+    overrides: list[str] = field(default_factory=list)  # experiment overrides applied last to every job
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)  # replaces `datasets` when given
+    trials: list[str] = field(default_factory=list)  # fnmatch patterns: keep only matching trials
+    evaluate: Optional[list[str]] = None  # noqa: UP045  replaces `evaluate` when given
+    stages: dict[str, Resources] = field(default_factory=dict)  # replaces these stages' resources
+
+
+@dataclass
 class SweepConfig:
     name: str = "sweep"
+    study: Optional[str] = None  # noqa: UP045  attention | augmentation | fidelity | response: the report's views
     out_dir: str = "runs/sweep"
     base: Any = None  # an experiment YAML path (relative to the sweep YAML) or an inline mapping
     teacher_overrides: list[str] = field(default_factory=list)
@@ -153,6 +179,8 @@ class SweepConfig:
     stages: Stages = field(default_factory=Stages)
     estimate: EstimateSpec = field(default_factory=EstimateSpec)
     local_parallel: int = 0  # local executor: jobs at a time (0: CPUs // cpus_per_task)
+    report: bool = True  # the last stage: hpckd.report.write_report of the sweep folder
+    mini: Optional[MiniSpec] = None  # noqa: UP045  the override set of `--mini`
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -162,13 +190,16 @@ class SweepConfig:
 class Job:
     """One unit of work of a stage: a data set's index, a teacher, a trial (student) or a trial's evaluation."""
 
-    stage: str  # data | teachers | students | evaluation
+    stage: str  # data | teachers | logits | students | evaluation | report
     name: str
     folder: Path  # the run's out_dir (teachers, students) or the state folder (data, evaluation: the trial's)
     config: dict[str, Any]  # the full, validated experiment config (a plain container)
     mode: str  # train | distill | data | eval
     deps: tuple[str, ...]  # keys (stage/name) of the jobs it needs
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # teachers, trials: the data stage's folder whose fingerprint.json their results must match to count as done
+    # (set when the run reads exactly the data set the stage indexes; not part of the config hash)
+    data_folder: Optional[Path] = field(default=None, hash=False, compare=False)  # noqa: UP045
 
     @property
     def key(self) -> str:
@@ -185,6 +216,8 @@ class Plan:
     root: Path
     source: str  # the sweep YAML's path, or "<inline>"
     jobs: dict[str, Job]  # key -> job, in stage order
+    spec_hash: str = ""  # the normalised sweep's content (spec_hash): a folder belongs to one sweep
+    mini: bool = False  # planned with the sweep's `mini` override set
 
     def stage(self, stage: str) -> list[Job]:
         return [job for job in self.jobs.values() if job.stage == stage]
@@ -208,9 +241,10 @@ def config_hash(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_sweep(path: str | Path | None, overrides: list[str] = (), inline: dict | None = None) -> tuple[SweepConfig, Path]:
-    """The typed sweep config from a YAML file (or ``inline``) plus dotted overrides; and the folder relative paths
-    of ``base`` are read from."""
+def load_sweep(path: str | Path | None, overrides: list[str] = (), inline: dict | None = None,
+               mini: bool = False) -> tuple[SweepConfig, Path]:
+    """The typed sweep config from a YAML file (or ``inline``) plus dotted overrides (with its ``mini`` override set
+    applied when ``mini``); and the folder relative paths of ``base`` are read from."""
     schema = OmegaConf.structured(SweepConfig)
     if path is not None:
         file = Path(path)
@@ -236,8 +270,27 @@ def load_sweep(path: str | Path | None, overrides: list[str] = (), inline: dict 
     if missing:
         raise ConfigError(f"{where}: required value missing for {', '.join(missing)}")
     sweep = OmegaConf.to_object(cfg)
+    if mini:
+        apply_mini(sweep, where)
     _check_sweep(sweep, where)
     return sweep, folder
+
+
+def apply_mini(s: SweepConfig, where: str) -> None:
+    """Replace what the ``mini`` override set replaces (data sets, evaluations, stage resources); its experiment
+    overrides and trial patterns are applied by :func:`plan_sweep`."""
+    if s.mini is None:
+        raise ConfigError(f"{where} has no `mini:` override set, so --mini has nothing to apply; add one "
+                          f"(overrides, datasets, trials, evaluate, stages) or drop --mini")
+    m = s.mini
+    if m.datasets:
+        s.datasets = dict(m.datasets)
+    if m.evaluate is not None:
+        s.evaluate = list(m.evaluate)
+    for stage, resources in m.stages.items():
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"{where}: mini.stages: unknown stage {stage!r}; use {', '.join(STAGE_NAMES)}")
+        setattr(s.stages, stage, resources)
 
 
 def _check_sweep(s: SweepConfig, where: str) -> None:
@@ -246,6 +299,13 @@ def _check_sweep(s: SweepConfig, where: str) -> None:
 
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", s.name):
         bad(f"name {s.name!r} may hold only letters, digits and _ . + -")
+    if s.study is not None and s.study not in STUDIES:
+        bad(f"study: unknown study {s.study!r}; use {', '.join(STUDIES)} (or leave it out)")
+    for ds_name, ds in s.datasets.items():
+        if ds.synth is not None and ds.digits is not None:
+            bad(f"datasets.{ds_name}: give synth or digits, not both")
+        if ds.digits is not None and (ds.digits.size < 8 or not 0 < ds.digits.val_fraction < 1):
+            bad(f"datasets.{ds_name}.digits: size must be >= 8 and val_fraction in (0, 1)")
     for item in s.evaluate:
         if item not in EVALUATIONS:
             bad(f"evaluate: unknown evaluation {item!r}; use {', '.join(EVALUATIONS)}")
@@ -394,18 +454,25 @@ def _yaml_value(value: Any) -> str:
 
 
 def plan_sweep(path: str | Path | None, overrides: list[str] = (), inline: dict | None = None,
-               out_dir: str | Path | None = None, experiment_overrides: list[str] = ()) -> Plan:
+               out_dir: str | Path | None = None, experiment_overrides: list[str] = (), mini: bool = False) -> Plan:
     """Load, expand and validate a sweep; every job's experiment config is checked with ``load_experiment``.
 
     ``overrides`` are dotted sweep keys (``out_dir=...``); ``experiment_overrides`` go on every teacher's and
-    trial's experiment config after the sweep's own (e.g. ``optim.epochs=2`` for a smoke run)."""
-    sweep, folder = load_sweep(path, overrides, inline)
+    trial's experiment config after the sweep's own (e.g. ``optim.epochs=2`` for a smoke run). ``mini`` applies the
+    sweep's ``mini`` override set (its experiment overrides last of all, its data sets, evaluations and stage
+    resources instead of the sweep's, only the trials matching its patterns and the teachers those use) and writes
+    to ``<out_dir>-mini`` unless ``out_dir`` is given."""
+    sweep, folder = load_sweep(path, overrides, inline, mini=mini)
     if out_dir is not None:
         sweep.out_dir = str(out_dir)
+    elif mini:
+        sweep.out_dir = str(sweep.out_dir).rstrip("/") + "-mini"
     root = Path(sweep.out_dir).resolve()
     base = _base_experiment(sweep.base, folder)
     jobs: dict[str, Job] = {}
     source = str(Path(path).resolve()) if path is not None else "<inline>"
+    last = [*experiment_overrides, *(sweep.mini.overrides if mini else [])]
+    keep = list(sweep.mini.trials) if mini else []
 
     def expand(items: list[str]) -> list[str]:
         return [item.replace(SWEEP_DIR_TOKEN, str(root)) for item in items]
@@ -419,64 +486,137 @@ def plan_sweep(path: str | Path | None, overrides: list[str] = (), inline: dict 
             raise ConfigError(f"sweep {sweep.name}: {what}: {exc}") from exc
 
     vs = variations(sweep)
-    for ds_name in dict.fromkeys(v.dataset for v in vs):
+    all_names = [("_".join((cell.name, *v.parts)), cell, v) for cell in cells(sweep) for v in vs]
+    for pattern in sweep.trial_overrides:  # checked against the whole grid: --mini may keep none of its trials
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _, _ in all_names):
+            raise ConfigError(f"sweep {sweep.name}: trial_overrides: {pattern!r} matches no trial")
+    for pattern in keep:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _, _ in all_names):
+            raise ConfigError(f"sweep {sweep.name}: mini.trials: {pattern!r} matches no trial")
+    kept = [item for item in all_names if not keep or any(fnmatch.fnmatchcase(item[0], p) for p in keep)]
+
+    data_keys: dict[str, str] = {}
+    for ds_name in dict.fromkeys(v.dataset for _, _, v in kept):
         ds = sweep.datasets.get(ds_name, DatasetSpec())
-        cfg = validated(f"data set {ds_name}", list(ds.overrides))
+        cfg = validated(f"data set {ds_name}", [*ds.overrides, *last])
         extra = {"synth": dataclasses.asdict(ds.synth) if ds.synth else None}
+        if ds.digits is not None:  # only when set: a sweep without it keeps its data jobs' config hashes
+            extra["digits"] = dataclasses.asdict(ds.digits)
         # datasets/<name> holds the stage's state; the images live at data.root (e.g. {sweep}/data)
         jobs[f"data/{ds_name}"] = Job("data", ds_name, root / "datasets" / ds_name, cfg, "data", (), extra)
+        data_keys[ds_name] = f"data/{ds_name}"
 
+    def data_folder(cfg: dict[str, Any], data_key: str) -> Optional[Path]:  # noqa: UP045
+        data_job = jobs[data_key]
+        return data_job.folder if cfg["data"] == data_job.config["data"] else None
+
+    auto_store = str(root / "logits" / AUTO_STORE)
     teacher_by_config: dict[str, str] = {}
-    for cell in cells(sweep):
-        for v in vs:
-            name = "_".join((cell.name, *v.parts))
-            teacher_keys = []
-            for teacher, letter in cell.teachers:
-                tname = "_".join((teacher + (letter or ""), *v.teacher_parts))
-                spec = sweep.teachers[teacher]
-                items = [*sweep.teacher_overrides, *v.teachers, *spec.overrides]
-                if letter is not None:
-                    items.append(f"aug={sweep.grid.letters[letter]}")
-                if v.seed is not None:
-                    items.append(f"seed={v.seed + spec.seed_offset}")
-                items.extend(experiment_overrides)
-                identity = config_hash(items)
-                if identity not in teacher_by_config:
-                    tcfg = validated(f"teacher {tname}", items)
-                    key = config_hash({k: val for k, val in tcfg.items() if k not in ("out_dir", "name")})
-                    same = next((k for k, job in jobs.items() if job.stage == "teachers"
-                                 and job.extra["identity"] == key), None)
-                    if same is None:
-                        if f"teachers/{tname}" in jobs:  # same name, different config: keep both apart
-                            tname = f"{tname}-{key[:6]}"
-                        tfolder = root / "teachers" / tname
-                        tcfg = validated(f"teacher {tname}", items, out_dir=str(tfolder), name=tname)
-                        jobs[f"teachers/{tname}"] = Job("teachers", tname, tfolder, tcfg, "train",
-                                                        (f"data/{v.dataset}",), {"identity": key})
-                        same = f"teachers/{tname}"
-                    teacher_by_config[identity] = same
-                teacher_keys.append(teacher_by_config[identity])
-            folder_t = root / "trials" / name
-            items = [*sweep.student_overrides, *v.students, *cell.overrides]
-            items.extend(experiment_overrides)
-            for pattern, extra_items in sweep.trial_overrides.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    items.extend(extra_items)
-            cfg = validated(f"trial {name}", items, [str(jobs[k].folder / "last.pt") for k in teacher_keys],
-                            out_dir=str(folder_t), name=name)
-            mode = "distill" if cfg["teachers"] else "train"
-            jobs[f"students/{name}"] = Job("students", name, folder_t, cfg, mode,
-                                           (f"data/{v.dataset}", *teacher_keys))
-    for pattern in sweep.trial_overrides:
-        if not any(fnmatch.fnmatchcase(job.name, pattern) for job in jobs.values() if job.stage == "students"):
-            raise ConfigError(f"sweep {sweep.name}: trial_overrides: {pattern!r} matches no trial")
+    stores: dict[str, str] = {}  # store identity -> logits job key
+    for name, cell, v in kept:
+        teacher_keys = []
+        for teacher, letter in cell.teachers:
+            tname = "_".join((teacher + (letter or ""), *v.teacher_parts))
+            spec = sweep.teachers[teacher]
+            items = [*sweep.teacher_overrides, *v.teachers, *spec.overrides]
+            if letter is not None:
+                items.append(f"aug={sweep.grid.letters[letter]}")
+            if v.seed is not None:
+                items.append(f"seed={v.seed + spec.seed_offset}")
+            items.extend(last)
+            identity = config_hash(items)
+            if identity not in teacher_by_config:
+                tcfg = validated(f"teacher {tname}", items)
+                key = config_hash({k: val for k, val in tcfg.items() if k not in ("out_dir", "name")})
+                same = next((k for k, job in jobs.items() if job.stage == "teachers"
+                             and job.extra["identity"] == key), None)
+                if same is None:
+                    if f"teachers/{tname}" in jobs:  # same name, different config: keep both apart
+                        tname = f"{tname}-{key[:6]}"
+                    tfolder = root / "teachers" / tname
+                    tcfg = validated(f"teacher {tname}", items, out_dir=str(tfolder), name=tname)
+                    jobs[f"teachers/{tname}"] = Job("teachers", tname, tfolder, tcfg, "train",
+                                                    (data_keys[v.dataset],), {"identity": key},
+                                                    data_folder(tcfg, data_keys[v.dataset]))
+                    same = f"teachers/{tname}"
+                teacher_by_config[identity] = same
+            teacher_keys.append(teacher_by_config[identity])
+        folder_t = root / "trials" / name
+        # A student that reads teacher logits from a store (serving.mode=cached) and names none gets the sweep's:
+        # the logits stage writes it once for every trial with the same teachers, data and views.
+        items = [f"serving.store={auto_store}", *sweep.student_overrides, *v.students, *cell.overrides]
+        for pattern, extra_items in sweep.trial_overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                items.extend(extra_items)
+        items.extend(last)
+        cfg = validated(f"trial {name}", items, [str(jobs[k].folder / "last.pt") for k in teacher_keys],
+                        out_dir=str(folder_t), name=name)
+        deps = [data_keys[v.dataset], *teacher_keys]
+        if cfg["serving"]["store"] == auto_store:
+            if cfg["serving"]["mode"] != "cached" or not cfg["teachers"]:
+                cfg["serving"]["store"] = None  # inline teachers (or none): no store
+            else:
+                identity = store_identity(cfg)
+                if identity not in stores:
+                    sname = f"{'+'.join(k.split('/', 1)[1] for k in teacher_keys)}_{identity[:8]}"
+                    sfolder = root / "logits" / sname
+                    scfg = copy.deepcopy(cfg)
+                    scfg.update(out_dir=str(sfolder), name=sname)
+                    scfg["serving"]["store"] = str(sfolder / "store")
+                    jobs[f"logits/{sname}"] = Job("logits", sname, sfolder, scfg, "logits",
+                                                  (data_keys[v.dataset], *teacher_keys),
+                                                  {"store": str(sfolder / "store"), "epochs": cfg["optim"]["epochs"],
+                                                   "teachers": [jobs[k].config_hash for k in teacher_keys]},
+                                                  data_folder(scfg, data_keys[v.dataset]))
+                    stores[identity] = f"logits/{sname}"
+                cfg["serving"]["store"] = jobs[stores[identity]].extra["store"]
+                deps.append(stores[identity])
+        mode = "distill" if cfg["teachers"] else "train"
+        # A trial whose teacher (or store) would be trained (written) differently is a different trial: their config
+        # hashes are part of its own, so it runs again (the checkpoint paths in its config alone stay the same).
+        needs = {"needs": [jobs[d].config_hash for d in deps[1:]]} if deps[1:] else {}
+        jobs[f"students/{name}"] = Job("students", name, folder_t, cfg, mode, tuple(deps), needs,
+                                       data_folder=data_folder(cfg, data_keys[v.dataset]))
+    trials = [job for job in jobs.values() if job.stage == "students"]
     if sweep.evaluate:
-        for trial in [job for job in jobs.values() if job.stage == "students"]:
+        for trial in trials:
             jobs[f"evaluation/{trial.name}"] = Job("evaluation", trial.name, trial.folder, trial.config, "eval",
                                                    (trial.key,), {"evaluate": list(sweep.evaluate)})
+    if sweep.report:
+        # After everything that can finish (SLURM: afterany), so a sweep with failed trials still gets its report.
+        deps = tuple(key for key, job in jobs.items() if job.stage in ("students", "evaluation"))
+        jobs["report/report"] = Job("report", "report", root, {}, "report", deps,
+                                    {"inputs": config_hash([jobs[d].config_hash for d in deps])})
     order = {stage: i for i, stage in enumerate(STAGE_NAMES)}
     ordered = dict(sorted(jobs.items(), key=lambda item: order[item[1].stage]))
-    return Plan(sweep, root, source, ordered)
+    return Plan(sweep, root, source, ordered, spec_hash(sweep, base, experiment_overrides, mini), mini)
+
+
+AUTO_STORE = "_sweep_store_"  # the placeholder serving.store of a student the sweep gives a logit store
+
+
+def store_identity(cfg: dict[str, Any]) -> str:
+    """What a trial's logit store depends on, from its config (the teachers, the data, every view, the batch ops,
+    the seed, the micro-batch, precision, epochs); trials with equal identities read one store. It leaves out
+    only what cannot change the stored teacher outputs (the student model, its loss, names, optimiser settings
+    other than the accumulation steps and the epochs)."""
+    kept = {k: v for k, v in cfg.items() if k not in ("model", "loss", "out_dir", "name", "optim", "serving")}
+    kept["optim"] = {k: cfg["optim"].get(k) for k in ("accum_steps", "epochs")}
+    kept["serving"] = {k: v for k, v in cfg["serving"].items() if k != "store"}
+    return config_hash(kept)
+
+
+def spec_hash(sweep: SweepConfig, base: dict | None, experiment_overrides: Sequence[str], mini: bool) -> str:
+    """The content of a sweep, normalised: what it trains (base, data sets, teachers, grid, trials, axes,
+    overrides, evaluations, the mini set when applied). Left out: where it writes and how jobs are placed (out_dir,
+    stage resources, local_parallel, the estimate) and the report's study tag, which may change between runs of
+    one sweep folder."""
+    spec = dataclasses.asdict(sweep)
+    for key in ("out_dir", "stages", "estimate", "local_parallel", "study", "base", "mini", "report"):
+        spec.pop(key, None)
+    spec.update(base=base, experiment_overrides=list(experiment_overrides),
+                mini=({k: v for k, v in dataclasses.asdict(sweep.mini).items() if k != "stages"} if mini else None))
+    return config_hash(spec)
 
 
 class _Validator:

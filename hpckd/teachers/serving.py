@@ -27,11 +27,12 @@ from hpckd.config.schema import ServingConfig
 from hpckd.data.batch import STUDENT, Batch
 from hpckd.errors import CheckpointError, ConfigError
 from hpckd.models import apply_state_dict, create
-from hpckd.models.hooks import cam_features, forward_with_attentions, has_cam
+from hpckd.models.hooks import cam_features, forward_with_attentions, forward_with_cam, has_cam
 from hpckd.precision import PrecisionPolicy
 from hpckd.teachers import shard
 
 
+Cam = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (features, head weight, head bias) of a CAM
 SERVING_MODES = ("inline", "cached")
 STORE_EPOCHS = ("error", "cycle")
 
@@ -220,6 +221,35 @@ class TeacherSet:
         with torch.inference_mode(), self.precision.teacher_autocast():
             features, weight, bias = cam_features(model, x)
         return (features.float().clone(), weight.float().clone(), None if bias is None else bias.float().clone())
+
+    def logits_and_cams(self, batch: Batch, indices: Sequence[int]) -> tuple[list[torch.Tensor], dict[int, Cam]]:
+        """Every teacher's logits (exactly what calling the set gives) and the CAM ingredients of the teachers in
+        ``indices`` (exactly what :meth:`cam_features` gives), running each of those teachers once: the feature map
+        is captured during the forward that makes the logits (:func:`~hpckd.models.hooks.forward_with_cam`).
+
+        A compiled teacher (``serving.compile``) or a sharded set (``teacher_parallel``) keeps the second pass: their
+        logits come from another module than the one the map can be read from."""
+        if self.parallel:
+            return self(batch), {k: self.cam_features(batch, k) for k in indices}
+        logits: list[torch.Tensor] = []
+        cams: dict[int, Cam] = {}
+        for t in self.teachers:
+            x = self._view(batch, t)
+            if t.index in indices and self.has_cam_features(t.index) and self._runners[t.index] is t.model:
+                if t.model.training:
+                    t.model.eval()  # as in _forward: teachers always run in eval mode
+                with torch.inference_mode(), self.precision.teacher_autocast():
+                    out, features, weight, bias = forward_with_cam(t.model, self.precision.teacher_input(x))
+                # Clones made outside inference mode, as in _forward and cam_features.
+                logits.append(out.float().clone())
+                cams[t.index] = (features.float().clone(), weight.float().clone(),
+                                 None if bias is None else bias.float().clone())
+            else:
+                logits.append(self._forward(t.index, x))
+        for k in indices:
+            if k not in cams:
+                cams[k] = self.cam_features(batch, k)
+        return logits, cams
 
     # ------------------------------------------------------------------ ViT attention maps
     def has_attention_maps(self, index: int) -> bool:

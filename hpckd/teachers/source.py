@@ -13,6 +13,7 @@ evaluation then skips teacher CAM-IoU. ViT attention maps are a second, optional
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -47,6 +48,17 @@ class TeacherSource(Protocol):
 
     def cam_features(self, batch: Batch, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Teacher ``index``'s last conv features (N, K, h, w), head weight (C, K) and bias, fp32, on its view."""
+        ...
+
+
+@runtime_checkable
+class OnePassCamSource(Protocol):
+    """Optional capability of a teacher source that runs CNN teachers: the logits of every teacher and the CAM
+    ingredients of some, from one forward pass per teacher (the evaluation's teacher CAM-IoU needs both)."""
+
+    def logits_and_cams(self, batch: Batch, indices: Sequence[int]) -> tuple[
+            list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
+        """(what ``source(batch)`` gives, {k: what ``cam_features(batch, k)`` gives for k in ``indices``})."""
         ...
 
 

@@ -29,9 +29,11 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ContextManager
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -54,6 +56,14 @@ def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     if cfg.train.channels_last and cfg.dist.backend == "ddp":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def plain_section(node: Any) -> Any:
+    """A config section as plain Python attributes: the schedule's factor reads ``optim.*`` at every optimizer step,
+    and an OmegaConf attribute lookup costs microseconds (a dozen per step showed in the loop's profile)."""
+    if isinstance(node, DictConfig):
+        return SimpleNamespace(**OmegaConf.to_container(node, resolve=True))
+    return node
 
 
 class Backend:
@@ -114,7 +124,7 @@ class DDPBackend(Backend):
         self.ddp = wrapped if isinstance(wrapped, DistributedDataParallel) else None
         self.call = torch.compile(wrapped) if cfg.train.compile else wrapped
         self.optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, steps_per_epoch)
+        self.scheduler = build_scheduler(plain_section(cfg.optim), self.optimizer, steps_per_epoch)
         self.scaler = policy.scaler()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +229,7 @@ class DeepSpeedBackend(Backend):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=deepspeed_config(cfg, info.world_size))
         # Our per-step schedule drives the wrapped optimizer's groups (shared with the ZeRO wrapper).
-        self.scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch)
+        self.scheduler = build_scheduler(plain_section(cfg.optim), optimizer, steps_per_epoch)
         if cfg.train.compile:
             self.engine.compile()
 

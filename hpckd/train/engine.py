@@ -18,6 +18,16 @@ and before each evaluation; a run whose state is no longer finite has diverged, 
 (:class:`TrainingDiverged`), and its last good checkpoint is kept. ``resume_changes=[optim.lr]`` restarts from it
 with another learning rate.
 
+Host syncs (the hot path): a micro-step never waits for the device. Each one queues its loss and a non-finite flag
+on the device (:class:`~hpckd.train.step.FiniteWatch`); the loop reads them, and every rank agrees on them and on a
+preemption signal (one small CPU all-reduce), only at check points: every :data:`CHECK_EVERY` optimizer steps, at
+each log record, before each checkpoint (preemption included), at the end of each epoch (so before ``last.pt``),
+and before the first backward of a session. A non-finite loss therefore stops the run at the next check point with
+the step where it first appeared; what the steps in between computed never leaves the process (no checkpoint,
+evaluation, log record or ``last.pt`` is written from it), although the weights in memory may hold NaN by then.
+With one process a preemption signal is seen at the next optimizer step (no collective needed); with several, at
+the next check point.
+
 Exact resume: the state holds model, optimizer, scheduler, scaler, every rank's RNG and loader position and the
 partial sums of the epoch, and the loaders' randomness never draws from the training RNG stream, so an interrupted
 and resumed run follows the uninterrupted trajectory step for step.
@@ -39,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -74,10 +84,14 @@ from hpckd.train.options import check_batch_split, check_runtime
 from hpckd.train.optim import scaled_lr
 from hpckd.train.preempt import PreemptionGuard, hand_over
 from hpckd.train.progress import Progress
-from hpckd.train.step import DataStats, DistillStep, StepOutput
+from hpckd.train.step import DataStats, DistillStep, FiniteWatch
 from hpckd.train.training_metrics import train_counts, train_metrics
 
 FORMAT = 1  # version of the training-state layout in checkpoints
+# Optimizer steps between two check points of the deferred finiteness flags (besides log records, checkpoints and
+# epoch ends): how far a diverged run can go before it stops, and how late several ranks agree on a preemption signal
+# (16 steps of a 32 ms step are half a second; SLURM warns 90 s ahead).
+CHECK_EVERY = 16
 
 
 class TrainingDiverged(UserError):
@@ -126,13 +140,20 @@ class Run:
     started: float = 0.0  # this session's start (time.time())
     prior_wall_s: float = 0.0  # wall time of earlier sessions, up to the checkpoint resumed from
     session_micro: int = 0  # micro-steps run in this session (for hooks)
+    watch: FiniteWatch = field(default_factory=FiniteWatch)  # this window's deferred finiteness flags
+    log_every: int = 0  # cfg.log_every and cfg.train.checkpoint_every, read once (the loop asks every step)
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        self.log_every, self.checkpoint_every = int(self.cfg.log_every), int(self.cfg.train.checkpoint_every)
+        self.accum_steps = int(self.cfg.optim.accum_steps)
 
     def wall_s(self) -> float:
         return self.prior_wall_s + time.time() - self.started
 
     @property
     def accum(self) -> int:
-        return int(self.cfg.optim.accum_steps)
+        return self.accum_steps
 
 
 def run(cfg, mode: str = "distill", hooks: Sequence[Hook] = ()) -> dict[str, Any]:
@@ -217,7 +238,7 @@ def _build(cfg, mode: str, info: dist.DistInfo, hooks: Sequence[Hook]) -> Run:
     backend = build_backend(cfg, prepare_model(model, cfg, info.device), info, steps, policy)
     data = DataStats(cfg.data.family, list(cfg.data.mean), list(cfg.data.std))
     step = DistillStep(backend.forward, teachers, _loss(cfg, mode), section(cfg.batch_ops, BatchOpsConfig), data,
-                       policy, cfg.seed, info.rank)
+                       policy, cfg.seed, info.rank, deferred_checks=True)
     warn = _warner(info, out_dir)
     logger = JsonLogger(out_dir / "log.jsonl" if info.is_main else None)
     scalars = Scalars(out_dir / "tensorboard" if info.is_main and cfg.train.tensorboard else None)
@@ -321,43 +342,57 @@ def _restore_loader(r: Run, state: dict[str, Any]) -> None:
 
 
 def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
-    """One epoch (or the rest of one): step, check, backward, optimizer step at the accumulation boundary, log,
-    checkpoint."""
+    """One epoch (or the rest of one): step, backward, optimizer step at the accumulation boundary, check at the
+    check points (:func:`_check_due`), log, checkpoint. No host sync between check points."""
     cfg, info, backend = r.cfg, r.info, r.backend
     if prog.epoch_step == 0:
         # A logit store read with store_epochs=cycle replays its stored epochs: the loader draws that epoch's views.
         data_epoch = getattr(r.teachers, "data_epoch", None)
         r.loaders.train.set_epoch(data_epoch(prog.epoch) if data_epoch else prog.epoch)
     backend.train()
-    global_batch = cfg.data.batch_size
+    # Config values read once per epoch, not per step (an OmegaConf lookup costs microseconds).
+    global_batch, accum, ensemble = int(cfg.data.batch_size), r.accum, str(cfg.metrics.ensemble)
+    log_every = r.log_every if info.is_main else 0
     meter, t0 = Throughput(), time.perf_counter()
-    micro_in_epoch = prog.epoch_step * r.accum  # micro-batches of this epoch already behind us
+    micro_in_epoch = prog.epoch_step * accum  # micro-batches of this epoch already behind us
     batches = progress(_rng_isolated(r.loaders.train), f"epoch {prog.epoch}", len(r.loaders.train) - micro_in_epoch,
                        info.is_main)
+    stop: int | None = None
     try:
         for batch in batches:
             if prog.epoch_step == r.steps_per_epoch:
                 continue  # the remainder of micro-batches that does not fill a step (read, not trained on)
-            boundary = (micro_in_epoch + 1) % r.accum == 0
+            boundary = (micro_in_epoch + 1) % accum == 0
             r.session_micro += 1
-            for hook in r.hooks:
-                hook(StepContext(prog.epoch, prog.step, r.session_micro))
+            if r.hooks:
+                context = StepContext(prog.epoch, prog.step, r.session_micro)
+                for hook in r.hooks:
+                    hook(context)
             with backend.no_sync(boundary):
                 out = r.step(batch, prog.epoch, prog.epoch_step)
-                stop = _check_step(r, prog, out, guard)
+                if out.flags is not None:
+                    r.watch.add(out.flags, prog.epoch, prog.step + 1)
+                if r.session_micro == 1:
+                    # The session's first micro-step ran the loss's host-side input checks: act on them before any
+                    # backward (a broken teacher, a wrong class count fail here with their own message).
+                    stop = _check(r, prog, guard, out.problem) or stop
                 backend.backward(out.loss, boundary)
             prog.add_terms(out.terms)
-            prog.add_counts(train_counts(out, cfg.metrics.ensemble))
+            prog.add_counts(train_counts(out, ensemble))
             micro_in_epoch += 1
             if not boundary:
                 continue
+            if _check_due(r, prog):
+                stop = _check(r, prog, guard) or stop  # before the optimizer step: its gradients are finite
+            elif info.world_size == 1 and guard.requested:
+                stop = guard.requested  # one process: the signal needs no agreement, so no check point
             lr = backend.lr()  # the rate this step uses (the scheduler moves on in step())
             backend.step()
             prog.step += 1
             prog.epoch_step += 1
             prog.images += global_batch
             meter.add(global_batch)
-            if info.is_main and cfg.log_every and prog.step % cfg.log_every == 0:
+            if log_every and prog.step % log_every == 0:  # a check point: the device has caught up
                 _log_step(r, prog, out.terms, lr, meter.rate())
                 if hasattr(batches, "set_postfix"):  # the terminal's progress bar
                     batches.set_postfix(loss=f"{float(out.loss):.4f}", lr=f"{lr:.3g}", refresh=False)
@@ -367,24 +402,41 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
                               "step": prog.step})
                 raise hand_over(guard, stop, info.rank, cfg.train.requeue,
                                 f"epoch {prog.epoch}, step {prog.step} ({r.store.folder})")
-            if cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0 \
-                    and prog.epoch_step < r.steps_per_epoch:
+            if _checkpoint_due(r, prog):
                 _save(r, prog)
     finally:
         prog.train_s += time.perf_counter() - t0
 
 
-def _check_step(r: Run, prog: Progress, out: StepOutput, guard: PreemptionGuard) -> int | None:
-    """The all-rank check after the forward: a non-finite loss anywhere stops every rank (before backward, so no
-    NaN reaches the weights); a signal to any rank makes every rank hand over the same one (the highest number).
+def _check_due(r: Run, prog: Progress) -> bool:
+    """Whether the optimizer step about to be taken (``prog.step + 1``) is a check point: every
+    :data:`CHECK_EVERY` steps, a step that is logged or checkpointed, and the epoch's last step. The same answer on
+    every rank (it depends on the step and the config only), so the check's collective always pairs up."""
+    step = prog.step + 1
+    return (step % CHECK_EVERY == 0 or prog.epoch_step + 1 == r.steps_per_epoch
+            or bool(r.log_every and step % r.log_every == 0) or bool(r.checkpoint_every and step % r.checkpoint_every == 0))
 
-    One tiny CPU all-reduce per micro-step; the finiteness check reads the loss on the host, so on a GPU each
-    micro-step waits for its forward pass once (before backward is queued)."""
-    bad, stop = dist.max_across_ranks([bool(out.problem), guard.requested or 0])
-    if bad:
-        detail = out.problem or "a non-finite loss on another rank"
-        raise TrainingDiverged(f"training diverged at epoch {prog.epoch}, step {prog.step + 1}: {detail}; "
-                               f"{_last_good(r)}")
+
+def _checkpoint_due(r: Run, prog: Progress) -> bool:
+    return bool(r.checkpoint_every) and prog.step % r.checkpoint_every == 0 and prog.epoch_step < r.steps_per_epoch
+
+
+def _check(r: Run, prog: Progress, guard: PreemptionGuard | None = None, problem: str = "") -> int | None:
+    """The all-rank check point: this rank's deferred flags in one device-to-host transfer, then one tiny CPU
+    all-reduce of (non-finite anywhere?, the first such step, the preemption signal). A non-finite loss on any rank
+    stops every rank, naming the first step where it appeared (:class:`TrainingDiverged`); a signal to any rank
+    makes every rank hand over the same one (the highest number). ``problem``: a host-side finding of this
+    micro-step (the loss's input checks)."""
+    bad = (prog.epoch, prog.step + 1, problem) if problem else r.watch.first_bad()
+    none = -(2**62)  # "no bad step" in the max over ranks of -step (the max of -step is the first step)
+    flags = [int(bad is not None), -bad[1] if bad is not None else none, (guard.requested or 0) if guard else 0]
+    any_bad, first, stop = dist.max_across_ranks(flags)
+    if any_bad:
+        if bad is not None and bad[1] == -first:
+            epoch, step, detail = bad
+        else:
+            epoch, step, detail = prog.epoch, -first, "a non-finite loss on another rank"
+        raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step}: {detail}; {_last_good(r)}")
     return stop or None
 
 
@@ -425,6 +477,7 @@ def _rng_isolated(iterable: Iterable) -> Iterator:
 
 def _end_epoch(r: Run, prog: Progress) -> None:
     """Check the state, evaluate, record the epoch, checkpoint."""
+    _check(r, prog)  # nothing left unread (the epoch's last step was a check point); cheap insurance
     _sync_buffers(r.backend.module)
     _check_state(r, prog)
     with EvalForward(r.backend.module, r.policy) as model:
@@ -454,7 +507,8 @@ def _sync_buffers(module: nn.Module) -> None:
 
 def _save(r: Run, prog: Progress) -> Path:
     """A full checkpoint (collective: every rank's RNG and loader state are gathered), then keep-last-N. A state
-    that is not finite is never written (:func:`_check_state`)."""
+    that is not finite is never written (:func:`_check`: the deferred loss flags; :func:`_check_state`)."""
+    _check(r, prog)
     _sync_buffers(r.backend.module)
     _check_state(r, prog)
     prog.wall_s = r.wall_s()
@@ -497,7 +551,9 @@ def _log_start(r: Run, prog: Progress) -> None:
 
 
 def _log_step(r: Run, prog: Progress, terms: dict[str, torch.Tensor], lr: float, images_per_s: float) -> None:
-    values = {k: float(v.detach()) for k, v in terms.items()}
+    # One device-to-host transfer for all terms (a float() per term would sync once per term).
+    numbers = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+    values = dict(zip(terms, numbers))
     record = {"event": "step", "step": prog.step, "epoch": prog.epoch, "lr": lr, **values,
               "images_per_s": round(images_per_s, 2), **memory_stats(r.info.device)}
     r.logger.log(record)

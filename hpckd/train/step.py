@@ -8,8 +8,13 @@
     terms = loss(student_logits, teacher_logits, batch)   # {"loss": weighted total, "ce": ..., "kd": ...}
 
 Teacher training (``hpckd train``) is the same step with no teachers and the CE loss. The epoch loop in
-:mod:`hpckd.train.engine` calls the step, checks the result on every rank, and runs ``backward`` and the optimizer
-step; it reads like torchvision's ``train_one_epoch``.
+:mod:`hpckd.train.engine` calls the step, runs ``backward`` and the optimizer step, and checks the results on every
+rank at its check points; it reads like torchvision's ``train_one_epoch``.
+
+Host syncs: with ``deferred_checks`` (what the loop uses) only the first call checks its inputs on the host (the
+loss's logit checks: one sync, with the detailed one-line error of a broken teacher or a wrong class count); every
+later call leaves the loss and a non-finite flag on the device (:attr:`StepOutput.flags`), and the loop reads them
+in one transfer per check point (:class:`FiniteWatch`), so a micro-step never waits for the device.
 
 Randomness of the batch ops is keyed by (seed, epoch, sample ids) and the rows' global positions
 (:class:`~hpckd.data.batchops.KeyedDraws`): a resumed run draws exactly what an uninterrupted one would, without
@@ -19,6 +24,7 @@ carrying RNG state, and a sample gets the same mix whatever the world size (when
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +35,7 @@ from hpckd.data.batch import STUDENT, Batch
 from hpckd.data.batchops import KeyedDraws, apply_batch_ops, check_mix_groups
 from hpckd.data.cutmixpick import needs_student
 from hpckd.losses import Loss, NonFiniteError
+from hpckd.losses.base import compute_dtype
 from hpckd.precision import PrecisionPolicy
 from hpckd.teachers.ensemble import ensemble_distribution
 from hpckd.teachers.source import TeacherSource, training_lookups
@@ -46,6 +53,8 @@ class StepOutput:
     problem: str = ""
     student_logits: torch.Tensor | None = None  # detached, for the epoch's training accuracy / agreement
     teacher_logits: Sequence[torch.Tensor] = ()
+    # deferred checks: (2,) fp32 on the device, [total loss, 1.0 if the student's logits hold NaN/Inf else 0.0]
+    flags: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -65,12 +74,16 @@ class DistillStep:
     """Batch -> :class:`StepOutput` for one micro-batch (see the module docstring).
 
     ``student`` is the training forward of the backend (autocast and DDP/DeepSpeed wrapping inside);
-    ``teachers`` is None for teacher training.
+    ``teachers`` is None for teacher training. ``deferred_checks``: see the module docstring (without it every
+    call checks on the host and sets :attr:`StepOutput.problem`, one or two syncs per call).
     """
 
     def __init__(self, student: Forward, teachers: TeacherSource | None, loss: Loss, batch_ops: BatchOpsConfig,
-                 data: DataStats, precision: PrecisionPolicy, seed: int, rank: int, world: int | None = None) -> None:
+                 data: DataStats, precision: PrecisionPolicy, seed: int, rank: int, world: int | None = None,
+                 deferred_checks: bool = False) -> None:
         self.student, self.teachers, self.loss = student, teachers, loss
+        self.deferred_checks = deferred_checks
+        self._inputs_checked = False  # the first call always runs the loss's host-side input checks
         self.batch_ops, self.data, self.precision = batch_ops, data, precision
         if world is None:  # the default process group's size, as the loaders see it
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -82,13 +95,22 @@ class DistillStep:
         batch = self.apply_batch_ops(batch, epoch, epoch_step)
         teacher_logits = self.teacher_logits(batch)
         student_logits = self.student(self.precision.student_input(batch.views[STUDENT])).float()
+        if self.deferred_checks and self._inputs_checked:
+            # Loss.forward minus its input checks (their host sync): shapes, class count and teacher count were
+            # checked on the first call and cannot change; finiteness is flagged on the device instead.
+            terms = self.loss.compute(compute_dtype(student_logits),
+                                      [compute_dtype(t).detach() for t in teacher_logits], batch)
+            return StepOutput(terms, batch, "", student_logits.detach(), teacher_logits,
+                              flags=finite_flags(terms["loss"], student_logits))
+        self._inputs_checked = True
         try:
             terms = self.loss(student_logits, teacher_logits, batch)
         except NonFiniteError as exc:  # NaN/Inf logits, found by the loss's input check
             return StepOutput({}, batch, str(exc))
         total = terms["loss"].detach()
         problem = "" if bool(torch.isfinite(total).all()) else f"loss is {total.item()}"
-        return StepOutput(terms, batch, problem, student_logits.detach(), teacher_logits)
+        flags = finite_flags(terms["loss"], student_logits) if self.deferred_checks else None
+        return StepOutput(terms, batch, problem, student_logits.detach(), teacher_logits, flags=flags)
 
     def teacher_logits(self, batch: Batch) -> list[torch.Tensor]:
         """The teachers' logits on a training batch (a logit store looks them up; inline teachers run)."""
@@ -120,3 +142,42 @@ class DistillStep:
         if needs_student(self.batch_ops):
             student = self.student(self.precision.student_input(pool.views[STUDENT])).float()
         return teacher, student
+
+
+def finite_flags(loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """(2,) fp32 on the loss's device: the total loss and whether the student's logits hold NaN/Inf (which says
+    why the loss is not finite); a few kernels, no host sync."""
+    student_bad = (~torch.isfinite(student_logits.detach())).any()
+    return torch.stack([loss.detach().float().reshape(()), student_bad.float()])
+
+
+class FiniteWatch:
+    """The finiteness flags of the micro-steps since the last check point, kept on the device.
+
+    :meth:`add` queues one micro-step's :attr:`StepOutput.flags` (no sync); :meth:`first_bad` reads them all in one
+    device-to-host transfer and returns the first non-finite micro-step's ``(epoch, step, detail)`` (``step``: the
+    1-based optimizer step it belonged to), or None, and starts a new window.
+    """
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.where: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def add(self, flags: torch.Tensor, epoch: int, step: int) -> None:
+        self.flags.append(flags)
+        self.where.append((epoch, step))
+
+    def first_bad(self) -> tuple[int, int, str] | None:
+        if not self.flags:
+            return None
+        values = torch.stack(self.flags).tolist()  # the window's one device-to-host transfer (one sync)
+        where, self.flags, self.where = self.where, [], []
+        for (epoch, step), (loss, student_bad) in zip(where, values):
+            if not math.isfinite(loss):
+                detail = (f"loss is {loss}: the student's logits hold NaN/Inf (the student diverged: lower optim.lr, "
+                          f"or use optim.clip_grad_norm)" if student_bad else f"loss is {loss}")
+                return epoch, step, detail
+        return None
