@@ -2,8 +2,9 @@
 
 SLURM warns a job before it ends it: ``--signal=USR2@90`` (or submitit's default) sends SIGUSR2 ahead of the time
 limit, and preemption or ``scancel`` sends SIGTERM (SIGKILL follows after ``KillWait``). A signal handler only
-records the request; the loop finishes the step it is in, every rank agrees on the flag (one small all-reduce per
-micro-step, on a CPU group, shared with the non-finite-loss check), the checkpoint is written collectively, and
+records the request; the loop finishes the step it is in, every rank agrees on the flag (one small CPU all-reduce at
+the loop's check points, shared with the deferred non-finite-loss check; a single process needs none and stops at
+the next optimizer step), the checkpoint is written collectively, and
 :func:`hand_over` decides what happens to the job:
 
 * a handler that was installed before ours (submitit's, inside a submitit job) is called now, at the step boundary
