@@ -72,6 +72,20 @@ def as_write_error(path: str | os.PathLike, exc: OSError) -> WriteError | None:
     return error
 
 
+def temp_folder_beside(path: str | os.PathLike, prefix: str) -> Path:
+    """A new temp folder next to ``path`` (same file system, so it can be renamed over it), its parent made first;
+    a full or read-only disk (or no permission) raises a one-line :class:`WriteError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent))
+    except OSError as exc:
+        error = as_write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit fsync it, give it the umask's permissions and rename it

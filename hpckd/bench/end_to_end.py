@@ -38,7 +38,7 @@ def studies_loop(ctx: Context, s: dict[str, Any], root, clock: timing.StepClock,
     for k, (x, y) in enumerate(loader):
         if max_batches is not None and k == max_batches:
             break
-        clock(_Ctx(0))
+        clock.tick(0)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad():
             t = teacher(x)
@@ -50,10 +50,6 @@ def studies_loop(ctx: Context, s: dict[str, Any], root, clock: timing.StepClock,
         opt.step()
     timing.sync(device)
 
-
-class _Ctx:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def bare_loop(cfg, device: torch.device, epochs: int, clock: timing.StepClock) -
     for epoch in range(epochs):
         loaders.train.set_epoch(epoch)
         for micro, batch in enumerate(loaders.train):
-            clock(_Ctx(epoch))
+            clock.tick(epoch)
             x, y = batch.views["student"], batch.labels
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -53,12 +53,6 @@ def bare_loop(cfg, device: torch.device, epochs: int, clock: timing.StepClock) -
             sched.step()
     timing.sync(device)
 
-
-class _Ctx:
-    """What :class:`StepClock` reads of the loop's StepContext."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -89,7 +89,11 @@ class StepClock:
         self.stamps: list[tuple[int, float]] = []
 
     def __call__(self, context) -> None:
-        self.stamps.append((int(context.epoch), time.perf_counter()))
+        self.tick(int(context.epoch))
+
+    def tick(self, epoch: int) -> None:
+        """The same timestamp, taken by a bare loop (the baselines) that has no StepContext."""
+        self.stamps.append((epoch, time.perf_counter()))
 
     def durations(self, warmup: int) -> list[float]:
         """Step durations within epochs, after the first ``warmup`` steps of the run."""

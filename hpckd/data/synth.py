@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from hpckd.errors import DataError
-from hpckd.io import (WriteError, as_write_error, atomic_open, atomic_write_json, check_output_dir,
+from hpckd.io import (WriteError, as_write_error, atomic_open, temp_folder_beside, atomic_write_json, check_output_dir,
                       current_umask)
 
 
@@ -120,14 +120,7 @@ def write_imagefolder(out: str | Path, spec: SynthSpec) -> dict[str, int]:
         raise DataError("data synth: need >= 2 classes, >= 1 image per class and split, and images >= 8x8 px")
     _check_replaceable(out)
     remove_stale_temp_folders(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        error = as_write_error(out, exc)
-        if error is None:
-            raise
-        raise error from exc
+    tmp = temp_folder_beside(out, _temp_prefix(out))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a shared data set must be readable
         counts = _write_splits(tmp, spec)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpckd.io import as_write_error, atomic_write_text, atomic_open, check_output_dir
+from hpckd.io import atomic_open, atomic_write_text, check_output_dir, temp_folder_beside
 from hpckd.report.figures import png_bytes
 from hpckd.report.load import Sweep, load_sweep
 from hpckd.report.views import FigureSpec, Table, View, build_views
@@ -164,14 +164,7 @@ def render_report(root: Path, out: Path | None = None) -> Path:
     sweep = load_sweep(root)
     out = Path(out) if out is not None else root / "report"
     check_output_dir(out, "report folder")  # one line, before any work, when it cannot be written
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        error = as_write_error(out, exc)
-        if error is None:
-            raise
-        raise error from exc
+    tmp = temp_folder_beside(out, f".{out.name}.")
     try:
         build_into(sweep, tmp)
         _swap_into_place(tmp, out)
