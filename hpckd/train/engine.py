@@ -143,6 +143,7 @@ class Run:
     watch: FiniteWatch = field(default_factory=FiniteWatch)  # this window's deferred finiteness flags
     log_every: int = 0  # cfg.log_every and cfg.train.checkpoint_every, read once (the loop asks every step)
     checkpoint_every: int = 0
+    reliability: dict[str, Any] = field(default_factory=dict)  # the last evaluation's reliability bins (report)
 
     def __post_init__(self) -> None:
         self.log_every, self.checkpoint_every = int(self.cfg.log_every), int(self.cfg.train.checkpoint_every)
@@ -481,8 +482,10 @@ def _end_epoch(r: Run, prog: Progress) -> None:
     _sync_buffers(r.backend.module)
     _check_state(r, prog)
     with EvalForward(r.backend.module, r.policy) as model:
+        r.reliability = {}
         metrics = evaluate(model, r.loaders.val, r.teachers, r.loaders.num_classes, r.cfg.metrics,
-                           half_split=r.cfg.batch_ops.half_split, mean=r.cfg.data.mean, std=r.cfg.data.std)
+                           half_split=r.cfg.batch_ops.half_split, mean=r.cfg.data.mean, std=r.cfg.data.std,
+                           reliability=r.reliability)
     train = train_metrics(prog.train_counts, metrics.get("accuracy"))
     record = {"epoch": prog.epoch, **prog.close_epoch(), **train, **{f"val_{k}": v for k, v in metrics.items()}}
     prog.history.append(record)
@@ -573,6 +576,8 @@ def _finish(r: Run, prog: Progress) -> dict[str, Any]:
         "world_size": info.world_size, "launcher": info.launcher, "backend": r.backend.name,
         "precision": cfg.train.precision, "steps": prog.step, "resumes": prog.resumes, "versions": versions(),
     }
+    if r.reliability:  # the last evaluation's bins, for the report's reliability diagrams
+        results["reliability"] = r.reliability
     if info.is_main:
         save_checkpoint(r.out_dir / "last.pt", {**_model_meta(r, prog), "model": r.backend.module.state_dict()})
         atomic_write_json(r.out_dir / "results.json", results)

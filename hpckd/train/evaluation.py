@@ -74,8 +74,12 @@ class EvalForward(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, teachers: TeacherSource | None, num_classes: int, metrics_cfg, *,
              half_split: str = "none", mean: Sequence[float] = DEFAULT_MEAN,
-             std: Sequence[float] = DEFAULT_STD) -> dict[str, float]:
+             std: Sequence[float] = DEFAULT_STD, reliability: dict[str, Any] | None = None) -> dict[str, float]:
     """Exact metrics over the whole split: sufficient statistics are all-reduced across ranks.
+
+    ``reliability``: a dict to fill with the reliability-diagram bins of the student (and of the teachers' ensemble,
+    when there are teachers) as :meth:`~hpckd.metrics.calibration.ReliabilityDiagram.as_dict` (the bins behind
+    ECE, attention study Fig. A.4). Collective: pass it on every rank or on none.
 
     With two or more teachers whose first two have attention maps on this rank, also the IoU of teacher 0's and
     teacher 1's maps (attention study Eq. 1) as ``teacher_iou`` (mean of per-image IoUs), ``teacher_iou_pooled``
@@ -119,6 +123,8 @@ def evaluate(model: nn.Module, loader, teachers: TeacherSource | None, num_class
                     maps = [in_frame(m, k, batch.aug["half_split"]["column"], size) for k, m in enumerate(maps)]
                 iou.update(maps[0], maps[1], valid=batch.valid)
     metrics = evaluator.compute()
+    if reliability is not None:
+        reliability.update({name: diagram.as_dict() for name, diagram in evaluator.reliability().items()})
     if iou is not None:
         metrics.update({f"teacher_{k}": v for k, v in iou.compute().items()})
     return metrics
