@@ -180,6 +180,66 @@ def test_a_nan_at_step_k_stops_the_run_naming_k_and_never_reaches_a_saved_state(
     assert all(math.isfinite(r["loss"]) for r in logged)
 
 
+class WeightsSeen:
+    """A hook recording, at each micro-step, a copy of the weight of every ``nn.Linear`` that runs a forward then
+    (the student's classifier; a teacher run has no other), and making micro-step ``k`` non-finite: ``what="loss"``
+    returns NaN logits (as :func:`poison_step`), ``what="gradients"`` keeps the logits finite and puts NaN into the
+    gradient that flows back into them, so only the backward pass sees it."""
+
+    def __init__(self, k: int, what: str) -> None:
+        self.k, self.what, self.micro = k, what, 0
+        self.weights: dict[int, torch.Tensor] = {}
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self.forward)
+
+    def forward(self, module, args, output):
+        if not isinstance(module, torch.nn.Linear) or not module.training:
+            return None
+        self.weights.setdefault(self.micro, module.weight.detach().clone())
+        if self.micro != self.k:
+            return None
+        if self.what == "loss":
+            return output * float("nan")
+        output.register_hook(lambda grad: grad * float("nan"))
+        return None
+
+    def __call__(self, ctx: engine.StepContext) -> None:
+        self.micro = ctx.micro
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.slow
+def test_a_nonfinite_step_never_reaches_the_weights_in_memory(resume_data, tmp_path):
+    """The finite-step gate (fused SGD, the default): after a micro-step k whose loss or only whose gradients are
+    NaN, the next micro-step's forward sees exactly the weights of step k - 1 (the undisturbed run's checkpoint) and
+    no weight is ever NaN; a NaN gradient under a finite loss also stops the run at the next check point naming k.
+    Without the gate (optim.fused=false) the weights in memory do hold NaN after step k: the test can fail."""
+    k = 8
+    extra = ("log_every=5", "train.checkpoint_every=7")
+    engine.run(config(resume_data, tmp_path / "ref", *extra), mode="train")
+    expected = load_checkpoint(tmp_path / "ref" / "checkpoints" / f"step-{k - 1:08d}.pt")["model"]
+    classifier = [name for name in expected if name.endswith(".weight") and expected[name].dim() == 2]
+    assert len(classifier) == 1
+    for what, fused in (("loss", "true"), ("gradients", "true"), ("gradients", "false")):
+        seen = WeightsSeen(k, what)
+        try:
+            with pytest.raises(engine.TrainingDiverged) as err:
+                engine.run(config(resume_data, tmp_path / f"{what}-{fused}", *extra, f"optim.fused={fused}"),
+                           mode="train", hooks=[seen])
+        finally:
+            seen.remove()
+        assert sorted(seen.weights) == list(range(1, 11)), sorted(seen.weights)  # check point 10 stops the run
+        if fused == "false":  # no gate: the NaN gradient reached the weights, and the saved state check finds it
+            assert not torch.isfinite(seen.weights[k + 1]).all()
+            continue
+        assert torch.equal(seen.weights[k + 1], expected[classifier[0]]), what
+        assert all(torch.isfinite(w).all() for w in seen.weights.values())
+        if what == "gradients":
+            assert (f"training diverged at epoch 1, step {k}: the gradients hold NaN/Inf although the loss is finite"
+                    in str(err.value)), str(err.value)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_nan_on_one_rank_stops_both_ranks_at_the_same_check_point_naming_its_step(resume_data, tmp_path):

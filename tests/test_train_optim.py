@@ -10,7 +10,8 @@ from torch import nn
 
 from hpckd.train.experiment import load_experiment
 from hpckd.errors import ConfigError
-from hpckd.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+from hpckd.train.optim import (build_optimizer, build_scheduler, finite_step_gate, is_fused, load_optimizer_state,
+                               param_groups, scaled_lr)
 
 
 def optim_cfg(*overrides: str):
@@ -144,3 +145,64 @@ def test_deepspeed_config_is_explicit():
     assert "bf16" not in ds and "fp16" not in ds  # parameters and BatchNorm buffers stay fp32
     fp32 = deepspeed_config(load_experiment(None, ["dist.backend=deepspeed", "optim.clip_grad_norm=5"]), world_size=1)
     assert "zero_optimization" not in fp32 and "torch_autocast" not in fp32 and fp32["gradient_clipping"] == 5.0
+
+
+def gated_step(opt: torch.optim.Optimizer) -> float | None:
+    with finite_step_gate(opt) as skipped:
+        opt.step()
+    return None if skipped is None else float(skipped)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_finite_step_gate_skips_a_nonfinite_first_sgd_step_and_the_next_step_is_a_first_step(bad):
+    """A skipped first step leaves weights and momentum as they were; the next step is SGD's first step by hand:
+    g' = g + wd p, buf = g', p <- p - lr (g' + mu buf) (Nesterov), as if the skipped step never happened."""
+    p0 = torch.tensor([1.0, -2.0, 0.5])
+    model = nn.Module()
+    model.w = nn.Parameter(p0.clone())
+    opt = build_optimizer(optim_cfg("optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true",
+                                    "optim.weight_decay=0.1"), model)
+    assert is_fused(opt)
+    model.w.grad = torch.tensor([0.5, bad, 0.25])
+    assert gated_step(opt) == 1.0
+    assert torch.equal(model.w.detach(), p0)
+    assert torch.equal(opt.state[model.w]["momentum_buffer"], torch.zeros(3))
+    grad = torch.tensor([0.5, -1.0, 0.25])
+    model.w.grad = grad.clone()
+    assert gated_step(opt) == 0.0
+    g = grad + 0.1 * p0
+    assert torch.allclose(model.w.detach(), p0 - 0.1 * (g + 0.9 * g), rtol=0, atol=1e-7)
+    assert torch.allclose(opt.state[model.w]["momentum_buffer"], g, rtol=0, atol=1e-7)
+
+
+def test_finite_step_gate_leaves_adamw_moments_and_step_count_unchanged():
+    p0 = torch.tensor([1.0, -2.0])
+    model = nn.Module()
+    model.w = nn.Parameter(p0.clone())
+    opt = build_optimizer(optim_cfg("optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.1"), model)
+    model.w.grad = torch.tensor([0.5, 0.25])
+    assert gated_step(opt) == 0.0
+    after_one = model.w.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[model.w].items()}
+    model.w.grad = torch.tensor([float("nan"), 0.25])
+    assert gated_step(opt) == 1.0
+    assert torch.equal(model.w.detach(), after_one)
+    assert float(opt.state[model.w]["step"]) == 1.0  # the skipped step is not counted (bias correction stays right)
+    assert all(torch.equal(opt.state[model.w][k], state[k]) for k in ("exp_avg", "exp_avg_sq"))
+    # The first step by hand (decoupled decay, then lr * m_hat / (sqrt(v_hat) + eps) = lr * sign(g)):
+    grad = torch.tensor([0.5, 0.25])
+    assert torch.allclose(after_one, p0 * (1 - 0.01 * 0.1) - 0.01 * grad / (grad.abs() + 1e-8), atol=1e-7)
+
+
+def test_without_fused_kernels_there_is_no_gate_and_a_resume_keeps_the_kernel_choice():
+    model = nn.Linear(3, 2)
+    plain = build_optimizer(optim_cfg("optim.fused=false"), model)
+    assert not is_fused(plain) and "momentum_buffer" not in plain.state[model.weight]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert gated_step(plain) is None
+    # A state saved by the foreach optimizer (or an older hpckd) restores its numbers into a fused one, which stays fused.
+    fused = build_optimizer(optim_cfg(), model)
+    load_optimizer_state(fused, plain.state_dict())
+    assert is_fused(fused)
+    assert torch.equal(fused.state[model.weight]["momentum_buffer"], plain.state[model.weight]["momentum_buffer"])

@@ -92,6 +92,9 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation: data.batch_size is split into this many micro-batches per step
     clip_grad_norm: float = 0.0  # max global gradient norm; 0 = no clipping
     schedule_epochs: int = 0  # >0: the cosine spans this many epochs instead of optim.epochs (EffDstl code: 62 for 61)
+    # fused SGD/AdamW kernels where torch has them for the device (CPU, CUDA): one kernel per step, and a step whose
+    # gradients hold NaN/Inf is skipped on the device (hpckd/train/optim.py, 'finite-step gate'); false: foreach
+    fused: bool = True
 
 
 @dataclass

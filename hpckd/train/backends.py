@@ -5,7 +5,9 @@ One meaning of the three calls for both backends:
 * ``forward(x)`` -- the student's training forward (autocast of the :class:`~hpckd.precision.PrecisionPolicy`);
 * ``backward(loss, boundary)`` -- accumulate the gradients of one micro-batch (the loss is the micro-batch mean;
   the backend divides by the accumulation steps). Weights never change here;
-* ``step()`` -- at the accumulation boundary only: clip, optimizer step, scheduler step, zero the gradients.
+* ``step()`` -- at the accumulation boundary only: clip, optimizer step, scheduler step, zero the gradients;
+  returns the finite-step gate's device flag (DDP with fused SGD/AdamW, no gradient scaler) or None
+  (:func:`hpckd.train.optim.finite_step_gate`).
 
 The loop runs forward and backward inside ``no_sync(boundary)`` (no gradient all-reduce before the boundary).
 ``save``/``load`` write and read the full training state in the backend's own layout (see
@@ -41,7 +43,7 @@ from hpckd import dist
 from hpckd.checkpoint import DS_STATE_FILE, CheckpointStore, save_checkpoint
 from hpckd.errors import CheckpointError
 from hpckd.precision import PrecisionPolicy
-from hpckd.train.optim import build_optimizer, build_scheduler, reset_base_lr
+from hpckd.train.optim import build_optimizer, build_scheduler, finite_step_gate, load_optimizer_state, reset_base_lr
 
 
 def prepare_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
@@ -86,8 +88,10 @@ class Backend:
         """Accumulate one micro-batch's gradients; never changes the weights."""
         raise NotImplementedError
 
-    def step(self) -> None:
-        """At the accumulation boundary: clip, optimizer step, scheduler step, zero the gradients."""
+    def step(self) -> torch.Tensor | None:
+        """At the accumulation boundary: clip, optimizer step, scheduler step, zero the gradients. Returns the
+        finite-step gate's device flag (1.0: the step was skipped, its gradients held NaN/Inf), or None where the
+        backend has no gate (:func:`hpckd.train.optim.finite_step_gate`)."""
         raise NotImplementedError
 
     def reset_lr(self, lr: float) -> None:
@@ -141,18 +145,23 @@ class DDPBackend(Backend):
         loss = loss / self.accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
         if self.clip > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        skipped = None
         if self.scaler is not None:
+            # fp16: the scaler skips overflowing steps by design (and, for a fused optimizer, passes its found_inf
+            # to the kernel without a host sync); those skips are the scaler's business, not a divergence.
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            with finite_step_gate(self.optimizer) as skipped:
+                self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return skipped
 
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any], is_main: bool) -> Path:
         path = store.path_for(step, as_folder=False)
@@ -164,7 +173,7 @@ class DDPBackend(Backend):
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -225,7 +234,8 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed reads LOCAL_RANK to pick its device; with one GPU bound per task that device is cuda:0.
         os.environ["LOCAL_RANK"] = str(info.device.index if info.device.type == "cuda" else info.local_rank)
         self.module = model
-        optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
+        # Not fused: DeepSpeed (ZeRO) drives the optimizer's step itself, so the finite-step gate cannot reach it.
+        optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, fused=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=deepspeed_config(cfg, info.world_size))
         # Our per-step schedule drives the wrapped optimizer's groups (shared with the ZeRO wrapper).
@@ -245,9 +255,10 @@ class DeepSpeedBackend(Backend):
             # before the boundary the call only advances the count and touches no weight.
             self.engine.step()
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
         self.engine.step()  # at the boundary: reduce, clip, optimizer step, zero the gradients
         self.scheduler.step()
+        return None
 
     def save(self, store: CheckpointStore, step: int, state: dict[str, Any], is_main: bool) -> Path:
         folder = store.path_for(step, as_folder=True)

@@ -24,7 +24,10 @@ preemption signal (one small CPU all-reduce), only at check points: every :data:
 each log record, before each checkpoint (preemption included), at the end of each epoch (so before ``last.pt``),
 and before the first backward of a session. A non-finite loss therefore stops the run at the next check point with
 the step where it first appeared; what the steps in between computed never leaves the process (no checkpoint,
-evaluation, log record or ``last.pt`` is written from it), although the weights in memory may hold NaN by then.
+evaluation, log record or ``last.pt`` is written from it). With fused SGD/AdamW (``optim.fused``, the DDP backend
+without fp16's scaler) a step whose gradients hold NaN/Inf is skipped on the device, so the weights in memory never
+hold NaN either, and such a step also stops the run at the next check point (:func:`hpckd.train.optim.finite_step_gate`);
+otherwise the weights in memory may hold NaN until then.
 With one process a preemption signal is seen at the next optimizer step (no collective needed); with several, at
 the next check point.
 
@@ -84,7 +87,7 @@ from hpckd.train.options import check_batch_split, check_runtime
 from hpckd.train.optim import scaled_lr
 from hpckd.train.preempt import PreemptionGuard, hand_over
 from hpckd.train.progress import Progress
-from hpckd.train.step import DataStats, DistillStep, FiniteWatch
+from hpckd.train.step import DataStats, DistillStep, Finding, FiniteWatch
 from hpckd.train.training_metrics import train_counts, train_metrics
 
 FORMAT = 1  # version of the training-state layout in checkpoints
@@ -388,7 +391,9 @@ def _train_epoch(r: Run, prog: Progress, guard: PreemptionGuard) -> None:
             elif info.world_size == 1 and guard.requested:
                 stop = guard.requested  # one process: the signal needs no agreement, so no check point
             lr = backend.lr()  # the rate this step uses (the scheduler moves on in step())
-            backend.step()
+            skipped = backend.step()
+            if skipped is not None:  # the finite-step gate's device flag, read at the next check point
+                r.watch.add_step(skipped, prog.epoch, prog.step + 1)
             prog.step += 1
             prog.epoch_step += 1
             prog.images += global_batch
@@ -424,19 +429,23 @@ def _checkpoint_due(r: Run, prog: Progress) -> bool:
 
 def _check(r: Run, prog: Progress, guard: PreemptionGuard | None = None, problem: str = "") -> int | None:
     """The all-rank check point: this rank's deferred flags in one device-to-host transfer, then one tiny CPU
-    all-reduce of (non-finite anywhere?, the first such step, the preemption signal). A non-finite loss on any rank
-    stops every rank, naming the first step where it appeared (:class:`TrainingDiverged`); a signal to any rank
-    makes every rank hand over the same one (the highest number). ``problem``: a host-side finding of this
-    micro-step (the loss's input checks)."""
-    bad = (prog.epoch, prog.step + 1, problem) if problem else r.watch.first_bad()
-    none = -(2**62)  # "no bad step" in the max over ranks of -step (the max of -step is the first step)
-    flags = [int(bad is not None), -bad[1] if bad is not None else none, (guard.requested or 0) if guard else 0]
-    any_bad, first, stop = dist.max_across_ranks(flags)
+    all-reduce of (non-finite anywhere?, the first such step and its kind, the preemption signal). A non-finite loss
+    or a step skipped for non-finite gradients on any rank stops every rank, naming the first step where it appeared
+    (:class:`TrainingDiverged`); at the same step a loss outranks gradients (a NaN loss on one rank makes every
+    rank's averaged gradients NaN). A signal to any rank makes every rank hand over the same one (the highest
+    number). ``problem``: a host-side finding of this micro-step (the loss's input checks)."""
+    bad = Finding(prog.epoch, prog.step + 1, problem) if problem else r.watch.first_bad()
+    # max over ranks of -2 step + (1 if a loss): the earliest step, and at that step a loss before gradients
+    none = -(2**62)
+    key = -2 * bad.step + int(bad.loss) if bad is not None else none
+    any_bad, first, stop = dist.max_across_ranks([int(bad is not None), key, (guard.requested or 0) if guard else 0])
     if any_bad:
-        if bad is not None and bad[1] == -first:
-            epoch, step, detail = bad
+        loss, step = first % 2 == 1, (first % 2 - first) // 2
+        if bad is not None and key == first:
+            epoch, detail = bad.epoch, bad.detail
         else:
-            epoch, step, detail = prog.epoch, -first, "a non-finite loss on another rank"
+            epoch = prog.epoch
+            detail = "a non-finite loss on another rank" if loss else "non-finite gradients on another rank"
         raise TrainingDiverged(f"training diverged at epoch {epoch}, step {step}: {detail}; {_last_good(r)}")
     return stop or None
 

@@ -20,12 +20,27 @@ Schedules (the multiplier is applied at every optimizer step, so decays are smoo
   150, 180, 210 of 240; or explicit factors per milestone (``optim.step_factors``), for the attention study's
   lambda schedules (step_1, step_2, step_3) when the factors are not powers of one gamma.
 * constant.
+
+The finite-step gate (a NaN never reaches the weights, and no host sync)
+-----------------------------------------------------------------------
+With ``optim.fused`` (default) SGD and AdamW run torch's fused kernels, which take a device flag ``found_inf`` and
+leave parameters and optimizer state untouched when it is set (the mechanism ``torch.amp.GradScaler`` uses for fp16).
+:func:`finite_step_gate` sets that flag from the gradients themselves before each step (one foreach kernel that
+reads the gradients; multiplying by 1 leaves them bit-identical), so a step whose gradients hold NaN/Inf is skipped
+on the device without the host ever waiting for it; the training loop reads the flag at its next check point and
+stops the run naming the step (:class:`hpckd.train.step.FiniteWatch`). SGD's momentum buffers are created as zeros
+before the first step: a skipped first step would otherwise leave them uninitialised (torch allocates them with
+``empty_like`` inside the step), and with dampening 0 a zero buffer gives the first step's ``buf = g`` exactly.
+Without fused kernels (``optim.fused=false``, a device torch has none for, DeepSpeed, which owns its step) the loop
+still never saves, logs or evaluates a non-finite state, but the weights in memory may hold NaN until the next check
+point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -58,13 +73,68 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(cfg, model: nn.Module, batch_size: int | None = None) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`; ``batch_size`` is the global batch."""
+def build_optimizer(cfg, model: nn.Module, batch_size: int | None = None,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups`; ``batch_size`` is the global batch.
+
+    ``fused`` (default ``optim.fused``): torch's fused kernels when the parameters' device has them, which also
+    enables :func:`finite_step_gate`; DeepSpeed passes False (it drives the step itself)."""
     lr, _ = scaled_lr(cfg, batch_size) if batch_size else (cfg.lr, cfg.min_lr)
     groups = param_groups(model, cfg.weight_decay, cfg.wd_exclude_norm_bias)
+    wanted = bool(getattr(cfg, "fused", True)) if fused is None else fused
+    use_fused = wanted and fused_supported([p for g in groups for p in g["params"]])
+    kind = {"fused": True} if use_fused else {}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.AdamW(groups, lr=lr, **kind)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                **kind)
+    if use_fused and cfg.momentum > 0:
+        for p in (p for g in groups for p in g["params"]):
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch has fused SGD/AdamW kernels for every parameter (floating point, on a device it supports)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return all(bool(group.get("fused")) for group in optimizer.param_groups)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` keeping this build's kernel choice: the groups of a saved state carry the
+    ``fused``/``foreach`` flags of the run that wrote it (an older hpckd's had none), which are not part of the
+    experiment; the numbers (momentum, moments, step counts) are restored as saved."""
+    kernels = [{k: group.get(k) for k in ("fused", "foreach")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, kernels):
+        group.update(kept)
+
+
+@contextlib.contextmanager
+def finite_step_gate(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor | None]:
+    """Around ``optimizer.step()``: a fused optimizer skips the step on the device when a gradient holds NaN/Inf.
+
+    Yields the (0-dim fp32, on the gradients' device) flag, 1.0 when the step is skipped, or None when the optimizer
+    is not fused (no gate; see the module docstring). No host sync: the flag is read at the loop's check points."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads or not is_fused(optimizer):
+        yield None
+        return
+    found_inf = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    one = torch.ones((), dtype=torch.float32, device=grads[0].device)
+    # GradScaler's own check: sets found_inf if any gradient element is NaN/Inf; the "unscale" by 1 changes no bit.
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+    optimizer.found_inf, optimizer.grad_scale = found_inf, None  # read by the fused kernels (torch.optim's API)
+    try:
+        yield found_inf
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
 
 
 def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -145,17 +146,20 @@ class DistillStep:
 
 
 def finite_flags(loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """(2,) fp32 on the loss's device: the total loss and whether the student's logits hold NaN/Inf (which says
-    why the loss is not finite); a few kernels, no host sync."""
+    """(3,) fp32 on the loss's device: the total loss, whether the student's logits hold NaN/Inf (which says
+    why the loss is not finite), and 0 (the slot :meth:`FiniteWatch.add_step` fills); a few kernels, no host sync."""
     student_bad = (~torch.isfinite(student_logits.detach())).any()
-    return torch.stack([loss.detach().float().reshape(()), student_bad.float()])
+    zero = torch.zeros((), dtype=torch.float32, device=loss.device)
+    return torch.stack([loss.detach().float().reshape(()), student_bad.float(), zero])
 
 
 class FiniteWatch:
     """The finiteness flags of the micro-steps since the last check point, kept on the device.
 
-    :meth:`add` queues one micro-step's :attr:`StepOutput.flags` (no sync); :meth:`first_bad` reads them all in one
-    device-to-host transfer and returns the first non-finite micro-step's ``(epoch, step, detail)`` (``step``: the
+    :meth:`add` queues one micro-step's :attr:`StepOutput.flags` and :meth:`add_step` the finite-step gate's flag
+    of an optimizer step (:func:`hpckd.train.optim.finite_step_gate`: 1 when the step was skipped because its
+    gradients held NaN/Inf although every loss was finite); neither syncs. :meth:`first_bad` reads them all in one
+    device-to-host transfer and returns the first non-finite entry's ``(epoch, step, detail)`` (``step``: the
     1-based optimizer step it belonged to), or None, and starts a new window.
     """
 
@@ -170,14 +174,32 @@ class FiniteWatch:
         self.flags.append(flags)
         self.where.append((epoch, step))
 
-    def first_bad(self) -> tuple[int, int, str] | None:
+    def add_step(self, skipped: torch.Tensor, epoch: int, step: int) -> None:
+        zero = torch.zeros((), dtype=torch.float32, device=skipped.device)
+        self.add(torch.stack([zero, zero, skipped.float().reshape(())]), epoch, step)
+
+    def first_bad(self) -> Finding | None:
         if not self.flags:
             return None
         values = torch.stack(self.flags).tolist()  # the window's one device-to-host transfer (one sync)
         where, self.flags, self.where = self.where, [], []
-        for (epoch, step), (loss, student_bad) in zip(where, values):
+        for (epoch, step), (loss, student_bad, skipped) in zip(where, values):
             if not math.isfinite(loss):
                 detail = (f"loss is {loss}: the student's logits hold NaN/Inf (the student diverged: lower optim.lr, "
                           f"or use optim.clip_grad_norm)" if student_bad else f"loss is {loss}")
-                return epoch, step, detail
+                return Finding(epoch, step, detail, loss=True)
+            if skipped:
+                return Finding(epoch, step, "the gradients hold NaN/Inf although the loss is finite (the step was "
+                                            "skipped, the weights are those of the step before; lower optim.lr, or "
+                                            "use optim.clip_grad_norm)", loss=False)
         return None
+
+
+class Finding(NamedTuple):
+    """The first non-finite entry of a check window: where, what, and whether it was a loss (else gradients
+    only; under DDP a NaN loss on one rank makes every rank's averaged gradients NaN, so a loss wins a tie)."""
+
+    epoch: int
+    step: int
+    detail: str
+    loss: bool = True
