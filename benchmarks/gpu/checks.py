@@ -622,6 +622,85 @@ def distill_cutmix_pick(ctx: Ctx) -> dict:
                      timeout=400)
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def _counting_syncs(cuda: bool):
+    """Yields a list that grows by one entry per host sync. CUDA: torch's sync debug mode (every synchronising
+    call warns: .item(), .cpu(), blocking copies, nonzero ...). CPU: the torch methods that read a tensor on the
+    host (tests/test_hotpath.py's accounting), so the kit's CPU run checks the same loop."""
+    import warnings
+
+    import torch
+
+    calls: list[str] = []
+    if cuda:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield caught
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, original):
+        def counted(tensor, *args, **kwargs):
+            calls.append(name)
+            return original(tensor, *args, **kwargs)
+        return counted
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@check("core", quick=True, timeout=480)
+def hotpath_syncs(ctx: Ctx) -> dict:
+    """Host syncs per micro-step of the real loop between its check points (one epoch, no logging or step
+    checkpoints: the check points are micro-step 1 and the epoch's last): must be 0 for teacher training, inline
+    distillation from 2 teachers with CutMix, and distillation from a logit store with CutMix. On CUDA counted by
+    torch.cuda.set_sync_debug_mode (not on CPU: there the host reads of tensors are counted)."""
+    from hpckd.train import engine
+    from hpckd.train.experiment import load_experiment
+
+    teachers = ctx.teachers()
+    config = ctx.distill_config(teachers)
+    store = ctx.work / "runs" / f"hotpath-store-{ctx.device}"
+    mix = ["batch_ops.scheme=cutmix", "loss.name=ensemble_kd", "train.precision=bf16"]
+    common = ["optim.epochs=1", "log_every=0", "train.checkpoint_every=0"]
+    cases = {"train": (None, "train", []), "inline_cutmix": (config, "distill", mix),
+             "cached_cutmix": (config, "distill", [*mix, "serving.mode=cached", f"serving.store={store}"])}
+    cache_args = ["teachers", "cache", str(config), *TRAIN_BASE, f"data.root={ctx.synth('small32')}",
+                  f"dist.device={ctx.device}", f"out_dir={ctx.run_dir('hotpath_cache')}", *mix, *common,
+                  "--out", str(store)]
+    shutil.rmtree(store, ignore_errors=True)
+    proc = ctx.hpckd(cache_args, f"hotpath-cache-{ctx.device}", timeout=200)
+    if proc.returncode != 0:
+        raise CheckFailed(f"hpckd teachers cache exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
+    out: dict[str, Any] = {"counted_by": "torch.cuda.set_sync_debug_mode" if ctx.cuda else "torch.Tensor host reads"}
+    for name, (cfg_path, mode, extra) in cases.items():
+        args = [*ctx.train_args(f"hotpath_{name}", [*extra, *common], mode)[1:]]
+        cfg = load_experiment(str(cfg_path) if cfg_path else None, args)
+        shutil.rmtree(ctx.run_dir(f"hotpath_{name}"), ignore_errors=True)
+        marks: list[int] = []
+        with _counting_syncs(ctx.cuda) as calls:
+            engine.run(cfg, mode=mode, hooks=[lambda _c, calls=calls: marks.append(len(calls))])
+        per_micro = [b - a for a, b in zip(marks, marks[1:])]
+        out[name] = {"micro_steps": len(marks), "syncs_per_micro_step": per_micro}
+    bad = {k: v["syncs_per_micro_step"][1:] for k, v in out.items() if isinstance(v, dict)
+           and any(v["syncs_per_micro_step"][1:])}
+    if bad:
+        raise CheckFailed(f"host syncs between check points: {bad}", out)
+    return out
+
+
 # ================================================================================================ deepspeed
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 STUDENT = "student"
@@ -47,6 +48,10 @@ class Batch:
             appends (Wang et al. 2022, Sec. 4.1); the ``kd_da`` loss trains those rows with the KL term only.
         label_mix: optional :class:`LabelMix`, set by Mixup/CutMix/CutMixPick: the mixed hard-label target of
             every row.
+        host_index: optional (N,) int64 numpy copy of ``index`` on the host, row for row. The loaders set it from
+            the CPU ids they have before the host-to-device copy and the batch ops reorder it with their (host) row
+            choices, so what needs the ids on the host (a logit store's lookups, the batch ops' keyed draws) reads
+            them without a device-to-host copy, i.e. without waiting for the device (:meth:`ids`).
     """
 
     views: dict[str, torch.Tensor]
@@ -57,6 +62,7 @@ class Batch:
     valid: torch.Tensor | None = None
     doubled: torch.Tensor | None = None
     label_mix: LabelMix | None = None
+    host_index: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -67,21 +73,62 @@ class Batch:
         return self.views.get(role, self.views[STUDENT])
 
     def replace(self, **changes: Any) -> Batch:
-        """A new batch with ``changes`` (field name -> value) applied; the other fields are shared, not copied."""
+        """A new batch with ``changes`` (field name -> value) applied; the other fields are shared, not copied.
+
+        New rows (``index`` changed) without a matching ``host_index`` drop the host copy: a stale one would name
+        the wrong samples, and :meth:`ids` then reads ``index`` instead."""
+        if "index" in changes and "host_index" not in changes:
+            changes["host_index"] = None
         return dataclasses.replace(self, **changes)
+
+    def ids(self) -> np.ndarray:
+        """(N,) int64 global sample ids on the host: :attr:`host_index` (no device involved; do not modify it).
+
+        Batches the loaders did not make (hand-built ones in tests and tools) may lack it: the ids are then copied
+        from ``index``, which on a GPU waits for the device queue; the training loop never takes that path."""
+        if self.host_index is not None:
+            return self.host_index
+        return self.index.detach().cpu().numpy().astype(np.int64)
+
+    def variants(self) -> np.ndarray:
+        """(N,) int64 ``aug["variant"]`` on the host: which image of its sample each row is, for a logit store
+        (0 = the loader's view; the batch ops' meanings in :mod:`hpckd.data.batchops`). Zeros when no batch op
+        ran."""
+        variant = self.aug.get("variant")
+        return np.zeros(self.size, np.int64) if variant is None else np.asarray(variant, np.int64)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
+        host = self.host_index
+        if host is None and self.index.device.type == "cpu":
+            host = host_array(self.index)  # still on the host: keep a copy before the ids leave it
         return self.replace(
             views={k: v.to(device, non_blocking=non_blocking) for k, v in self.views.items()},
             labels=move(self.labels),
             index=move(self.index),
+            host_index=host,
             valid=move(self.valid),
             doubled=move(self.doubled),
             label_mix=None if self.label_mix is None else self.label_mix.to(device, non_blocking),
         )
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A flat int64 numpy copy of a tensor that is already on the host (a loader's sample ids, row numbers chosen
+    on the host).
+
+    A copy, never a view: DALI's iterator may hand DLPack views of the pipeline's own output buffers (its dynamic
+    executor), whose reuse the loader does not control; the batch keeps its ids. Made with ``copy_`` into
+    numpy-owned memory, which reads no device: a tensor on a device is refused rather than copied, so this can
+    never hide a device-to-host transfer (tests/test_hotpath*.py count the torch methods that can, such as
+    ``Tensor.numpy``, on every device)."""
+    if t.device.type != "cpu":
+        raise ValueError(f"host_array needs a tensor on the host, not on {t.device}")
+    out = np.empty(t.numel(), np.int64)
+    torch.from_numpy(out).copy_(t.reshape(-1))
+    return out
 
 
 IMAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -11,9 +11,18 @@ G a multiple of W a group never straddles two ranks). Partners are drawn within 
 (partner permutation, lambdas, box centres) come from a generator keyed by (seed, epoch, op, first sample id of
 the group, run); per-sample follow-up parameters are counter-based uniforms keyed by (seed, epoch, scheme,
 sample id) (:mod:`hpckd.data.rand`). So the mixes of a sample are the same for every world size W dividing G and
-every rank, and a resumed run redraws them without state. ``aug["variant"]`` (N,) int64 names each output row
-for a logit store: 0 = the loader's view, 1 + j = made by run j of the op (CutMixPick pools have ``pick_pool``
-runs, their rows ``POOL_VARIANT + j`` while scored; the other ops one run).
+every rank, and a resumed run redraws them without state. ``aug["variant"]`` (N,) int64 numpy array names each
+output row for a logit store: 0 = the loader's view, 1 + j = made by run j of the op (CutMixPick pools have
+``pick_pool`` runs, their rows ``POOL_VARIANT + j`` while scored; the other ops one run).
+
+Host and device (issue 17: no avoidable device sync per micro-step): the draws, the row choices and the sample ids
+stay on the host. The ops read the ids from ``batch.ids()`` (the loader's host copy, :attr:`Batch.host_index`),
+keep ``host_index`` in step with every reordering of ``index`` (using the host row numbers they chose), and move
+their host-made tensors (rows, lambdas, boxes) to the device with asynchronous copies from pinned memory. So
+Mixup, CutMix and the half split never read the device, nor does the bookkeeping of the follow-up schemes (their
+per-sample pixel ops may: RandAugment's equalize reads a histogram). CutMixPick reads it once per micro-batch:
+which pool rows its scores keep (one ``Tensor.cpu`` of the kept rows, all groups together), which the kept rows'
+ids, variants and records need on the host.
 
 Formulas:
 
@@ -31,10 +40,10 @@ Formulas:
   whole image.
 
 Replay records on ``batch.aug`` (M = rows of x'; positions are rows of the batch before the op, ids are global
-sample ids): ``aug[scheme] = {"source": (M,) rows x' was made from, "partner": (M,) rows mixed in,
-"partner_index": their sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top, left, bottom, right)
-pasted region, "pick": kept pool rows, "params": per-sample parameters of a follow-up policy}`` (only the keys that
-apply); ``aug["half_split"] = {"mode", "column"}``.
+sample ids; all on the host, CPU tensors): ``aug[scheme] = {"source": (M,) rows x' was made from, "partner": (M,)
+rows mixed in, "partner_index": their sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top,
+left, bottom, right) pasted region, "pick": kept pool rows, "params": per-sample parameters of a follow-up
+policy}`` (only the keys that apply); ``aug["half_split"] = {"mode", "column"}``; ``aug["variant"]`` as above.
 
 What changes the loss is typed on the batch: ``batch.doubled`` (N,) bool marks the x' rows of a doubled batch, and
 after Mixup, CutMix or CutMixPick ``batch.label_mix`` (:class:`~hpckd.data.batch.LabelMix`) gives, for every row of
@@ -53,7 +62,7 @@ import torch
 from hpckd.config.checks import at_least, choose, positive
 from hpckd.config.methods import BatchOpsConfig
 from hpckd.data.aug import DA_SCHEMES, followup_policy
-from hpckd.data.batch import STUDENT, Batch, LabelMix
+from hpckd.data.batch import STUDENT, Batch, LabelMix, host_array
 from hpckd.data.cutmixpick import CRITERIA, ORDERS, select
 from hpckd.data.params import n_slots, params_from_uniforms, stream_id
 from hpckd.data.rand import uniforms
@@ -311,27 +320,39 @@ def draw_followup(ids: np.ndarray, scheme: str, family: str, size: int, draws: D
 # ------------------------------------------------------------------------------------------- batch assembly
 
 
-def _append(batch: Batch, extra: dict[str, torch.Tensor], source: torch.Tensor, doubled: bool,
-            variant: torch.Tensor | None = None) -> Batch:
-    """The batch with x' rows (``extra`` per view, made from rows ``source``; ``variant`` of each, default 1)
-    appended or substituted."""
+def to_device(t: torch.Tensor | np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (or array) on ``device``: on CUDA an asynchronous copy from pinned memory (a copy from pageable
+    memory may wait for the device queue); elsewhere a plain ``to``."""
+    t = torch.as_tensor(t)
+    if dtype is not None:
+        t = t.to(dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _append(batch: Batch, extra: dict[str, torch.Tensor], source: np.ndarray, doubled: bool,
+            variant: np.ndarray | None = None) -> Batch:
+    """The batch with x' rows (``extra`` per view, made from the rows ``source`` (host int64); ``variant`` of each,
+    default 1) appended or substituted. ``host_index`` follows ``index`` with the same host rows."""
     dev = batch.labels.device
-    variant = torch.ones(int(source.numel()), dtype=torch.int64) if variant is None else variant.cpu()
-    src = source.to(dev)
-    labels, index = batch.labels[src], batch.index[src]
+    source = np.asarray(source, np.int64)
+    variant = np.ones(len(source), np.int64) if variant is None else np.asarray(variant, np.int64)
+    src = to_device(source, dev)
+    labels, index, host = batch.labels[src], batch.index[src], batch.ids()[source]
     valid = None if batch.valid is None else batch.valid[src]
     # The rows change, so a mixed-label record of the input no longer lines up; the mixing op sets its own.
     if not doubled:
         marker = None if batch.doubled is None else batch.doubled[src]
-        return batch.replace(views=extra, labels=labels, index=index, aug={**batch.aug, "variant": variant},
-                             valid=valid, doubled=marker, label_mix=None)
-    n, m = batch.size, int(src.numel())
+        return batch.replace(views=extra, labels=labels, index=index, host_index=host,
+                             aug={**batch.aug, "variant": variant}, valid=valid, doubled=marker, label_mix=None)
+    n, m = batch.size, len(source)
     views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
     marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
     marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
-    before = batch.aug.get("variant", torch.zeros(n, dtype=torch.int64))
     return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
-                         aug={**batch.aug, "variant": torch.cat([before, variant])},
+                         host_index=np.concatenate([batch.ids(), host]),
+                         aug={**batch.aug, "variant": np.concatenate([batch.variants(), variant])},
                          valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
                          doubled=marker, label_mix=None)
 
@@ -346,8 +367,8 @@ def mixed_labels(out: Batch, before: Batch, record: dict, doubled: bool) -> Labe
     lam = torch.ones(out.size, dtype=torch.float32, device=dev)
     start = before.size if doubled else 0
     rows = slice(start, start + int(record["source"].numel()))
-    partner_label[rows] = before.labels[record["partner"].to(dev)]
-    lam[rows] = record["lam"].to(dev, torch.float32)
+    partner_label[rows] = before.labels[to_device(record["partner"], dev)]
+    lam[rows] = to_device(record["lam"], dev, torch.float32)
     return LabelMix(partner_label=partner_label, lam=lam)
 
 
@@ -358,8 +379,10 @@ def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict
 def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws) -> Batch:
     n = batch.size
     partner, lam, _ = draw_mix(n, _ids(batch), as_draws(generator), "mixup", cfg.mixup_alpha, cfg.lam_per_sample)
-    extra = _mix_views(batch, lambda x: mixup(x, partner, lam))
-    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    dev = batch.views[STUDENT].device
+    on_dev = to_device(partner, dev), to_device(lam, dev)  # once for every view
+    extra = _mix_views(batch, lambda x: mixup(x, *on_dev))
+    out = _append(batch, extra, np.arange(n), cfg.doubled)
     out.aug["mixup"] = _record(batch, torch.arange(n), partner, lam)
     out.label_mix = mixed_labels(out, batch, out.aug["mixup"], cfg.doubled)
     return out
@@ -369,15 +392,18 @@ def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator |
     n = batch.size
     h, w = batch.views[STUDENT].shape[-2:]
     partner, boxes, lam = _draw_cutmix(batch, h, w, cfg, as_draws(generator), "cutmix", 0)
-    extra = _mix_views(batch, lambda x: cutmix(x, partner, boxes))
-    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    dev = batch.views[STUDENT].device
+    on_dev = to_device(partner, dev), to_device(boxes, dev)  # once for every view
+    extra = _mix_views(batch, lambda x: cutmix(x, *on_dev))
+    out = _append(batch, extra, np.arange(n), cfg.doubled)
     out.aug["cutmix"] = _record(batch, torch.arange(n), partner, lam, boxes)
     out.label_mix = mixed_labels(out, batch, out.aug["cutmix"], cfg.doubled)
     return out
 
 
 def _ids(batch: Batch) -> np.ndarray:
-    return batch.index.detach().cpu().numpy().astype(np.int64)
+    """The rows' sample ids on the host (the keyed draws' keys): the loader's copy, no device read."""
+    return batch.ids()
 
 
 def _draw_cutmix(batch: Batch, h: int, w: int, cfg: BatchOpsConfig, draws: Draws, op: str, run: int):
@@ -396,18 +422,21 @@ def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig,
     h, w = batch.views[STUDENT].shape[-2:]
     parts, sources, partners, boxes_all, lams = [], [], [], [], []
     draws = as_draws(generator)
+    dev = batch.views[STUDENT].device
     for run in range(runs):
         partner, boxes, lam = _draw_cutmix(batch, h, w, cfg, draws, "cutmix_pick", run)
-        parts.append(_mix_views(batch, lambda x, p=partner, b=boxes: cutmix(x, p, b)))
+        on_dev = to_device(partner, dev), to_device(boxes, dev)
+        parts.append(_mix_views(batch, lambda x, p=on_dev: cutmix(x, *p)))
         sources.append(torch.arange(n))
         partners.append(partner)
         boxes_all.append(boxes)
         lams.append(lam)
     source = torch.cat(sources)
     views = {k: torch.cat([p[k] for p in parts]) for k in batch.views}
-    src = source.to(batch.labels.device)
-    variant = (POOL_VARIANT + torch.arange(runs)).repeat_interleave(n)
-    pool = batch.replace(views=views, labels=batch.labels[src], index=batch.index[src], aug={"variant": variant},
+    src = to_device(np.tile(np.arange(n), runs), batch.labels.device)
+    variant = np.repeat(POOL_VARIANT + np.arange(runs, dtype=np.int64), n)
+    pool = batch.replace(views=views, labels=batch.labels[src], index=batch.index[src],
+                         host_index=np.tile(batch.ids(), runs), aug={"variant": variant},
                          valid=None if batch.valid is None else batch.valid[src], doubled=None, label_mix=None)
     record = {"source": source, "partner": torch.cat(partners), "lam": torch.cat(lams), "box": torch.cat(boxes_all),
               "variant": variant}
@@ -423,12 +452,16 @@ def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Genera
         raise ConfigError("batch op cutmix_pick needs a scorer (teacher logits on the pool, and the student's for "
                           f"batch_ops.pick_criterion={cfg.pick_criterion}): distil from at least one teacher")
     draws = as_draws(generator)
+    n = batch.size
     pool, record = cutmix_pool(batch, int(cfg.pick_pool), cfg, draws)
     with torch.no_grad():
         teacher_logits, student_logits = scorer(pool)
-    keep = _select_per_group(teacher_logits, student_logits, cfg, draws.groups(batch.size), batch.size)
-    extra = {k: v[keep.to(v.device)] for k, v in pool.views.items()}
-    out = _append(batch, extra, record["source"][keep], cfg.doubled, record["variant"][keep] - POOL_VARIANT + 1)
+    kept = _select_per_group(teacher_logits, student_logits, cfg, draws.groups(n), n)  # on the scores' device
+    keep = kept.cpu()  # CutMixPick's one device read (module docstring): the host records need the kept rows
+    rows = host_array(keep)
+    extra = {k: v[kept.to(v.device)] for k, v in pool.views.items()}
+    # Pool row run * n + i was made from row i (cutmix_pool), so its source row is rows % n.
+    out = _append(batch, extra, rows % n, cfg.doubled, record["variant"][rows] - POOL_VARIANT + 1)
     out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
                                      record["box"][keep], pick=keep)
     out.label_mix = mixed_labels(out, batch, out.aug["cutmix_pick"], cfg.doubled)
@@ -438,15 +471,18 @@ def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Genera
 def _select_per_group(teacher: torch.Tensor | None, student: torch.Tensor | None, cfg: BatchOpsConfig,
                       groups: list[np.ndarray], n: int) -> torch.Tensor:
     """CutMixPick's selection within each mixing group (pool row ``run * n + i`` belongs to row i's group), so
-    what is kept does not depend on the other groups, i.e. on the world size."""
+    what is kept does not depend on the other groups, i.e. on the world size. The kept pool rows stay on the
+    scores' device (the caller brings them to the host once, for all groups)."""
     if len(groups) == 1:
-        return select(teacher, student, cfg).cpu()
+        return select(teacher, student, cfg)
     runs = int(cfg.pick_pool)
+    scores = teacher if teacher is not None else student
+    per_group = [(np.arange(runs)[:, None] * n + rows[None, :]).reshape(-1) for rows in groups]
+    all_rows = to_device(np.concatenate(per_group), scores.device)  # one copy for every group
     keep = []
-    for rows in groups:
-        pool_rows = torch.as_tensor((np.arange(runs)[:, None] * n + rows[None, :]).reshape(-1), dtype=torch.int64)
-        part = select(None if teacher is None else teacher[pool_rows.to(teacher.device)],
-                      None if student is None else student[pool_rows.to(student.device)], cfg).cpu()
+    for pool_rows in all_rows.split([len(r) for r in per_group]):
+        part = select(None if teacher is None else teacher[pool_rows],
+                      None if student is None else student[pool_rows], cfg)
         keep.append(pool_rows[part])
     return torch.cat(keep)
 
@@ -458,7 +494,7 @@ def apply_followup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator
     size = batch.views[STUDENT].shape[-1]
     params = draw_followup(_ids(batch), cfg.scheme, family, size, as_draws(generator))
     extra = {k: followup(v, cfg.scheme, params, family, mean, std) for k, v in batch.views.items()}
-    out = _append(batch, extra, torch.arange(n), cfg.doubled)
+    out = _append(batch, extra, np.arange(n), cfg.doubled)
     out.aug[cfg.scheme] = {"source": torch.arange(n), "params": {k: torch.as_tensor(v) for k, v in params.items()}}
     return out
 
@@ -478,8 +514,8 @@ def half_split(batch: Batch, mode: str, mean: Sequence[float] = DEFAULT_MEAN,
     elif mode == "mask":
         black = (-torch.as_tensor(mean, dtype=left.dtype) / torch.as_tensor(std, dtype=left.dtype)).view(1, -1, 1, 1)
         keep_left = (torch.arange(width) < column).view(1, 1, 1, -1)
-        views["teacher0"] = torch.where(keep_left.to(left.device), left, black.to(left.device))
-        views["teacher1"] = torch.where(keep_left.to(right.device), black.to(right.device), right)
+        views["teacher0"] = torch.where(to_device(keep_left, left.device), left, to_device(black, left.device))
+        views["teacher1"] = torch.where(to_device(keep_left, right.device), to_device(black, right.device), right)
     else:
         raise ConfigError(f"half_split {mode!r} is unknown; choose one of {', '.join(HALF_MODES)}")
     return batch.replace(views=views, aug={**batch.aug, "half_split": {"mode": mode, "column": column}})
@@ -487,8 +523,8 @@ def half_split(batch: Batch, mode: str, mean: Sequence[float] = DEFAULT_MEAN,
 
 def _record(batch: Batch, source: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor,
             boxes: torch.Tensor | None = None, pick: torch.Tensor | None = None) -> dict:
-    rec = {"source": source, "partner": partner, "partner_index": batch.index[partner.to(batch.index.device)].cpu(),
-           "lam": lam}
+    # The partners' ids from the host copy (``partner`` is a host tensor): no device read.
+    rec = {"source": source, "partner": partner, "partner_index": torch.from_numpy(batch.ids())[partner], "lam": lam}
     if boxes is not None:
         rec["box"] = boxes
     if pick is not None:

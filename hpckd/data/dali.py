@@ -56,7 +56,7 @@ import torch
 
 from hpckd.data import autoaug
 from hpckd.data.aug import Policy, resize_for_center_crop
-from hpckd.data.batch import Batch, ImageFormat
+from hpckd.data.batch import Batch, ImageFormat, host_array
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
 from hpckd.data.sources import Source, as_source, decode_rgb
@@ -565,10 +565,13 @@ class DaliLoader(EpochLoader):
                 pass
 
     def _batch(self, out: dict, epoch: int) -> Batch:
+        # The ids are a CPU output of the pipeline (fed by external_source, never moved to the GPU): keep a copy on
+        # the host (Batch.ids), a copy because the iterator may hand views of DALI's own buffers (dynamic executor).
+        host = host_array(out["index"]) if out["index"].device.type == "cpu" else None
         index = out["index"].reshape(-1).to(self.device, dtype=torch.int64, non_blocking=True)  # never wait for the device
         views = {name: self.image_format.apply(out[name], self.device) for name in self.views}
         aug = {name: {f: out[f"{name}.{f}"] for f in fields} for name, fields in self.fields.items()}
-        return Batch(views=views, labels=self.labels[index], index=index, epoch=epoch, aug=aug)
+        return Batch(views=views, labels=self.labels[index], index=index, epoch=epoch, aug=aug, host_index=host)
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.state.begin_pass()

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpckd.data.aug import Policy
-from hpckd.data.batch import Batch, ImageFormat
+from hpckd.data.batch import Batch, ImageFormat, host_array
 from hpckd.data.params import sample_params, view_key
 from hpckd.data.render_torch import render
 from hpckd.data.sharding import EpochLoader, ResumableEpochs, ShardSpec, check_trainable, epoch_order, steps_per_epoch
@@ -103,12 +103,13 @@ class TorchLoader(EpochLoader):
         self.sampler.epoch, self.sampler.start = self.state.epoch, start
         try:
             for index, views, params in self.loader:
+                host = host_array(index)  # the ids while they are on the host (Batch.ids: no device read later)
                 # Pinned (pin_memory on CUDA): an asynchronous copy; a blocking one would wait for the device.
                 index = index.to(self.device, dtype=torch.int64, non_blocking=True)
                 views = {k: self.image_format.apply(v, self.device) for k, v in views.items()}
                 self.state.step += 1
                 yield Batch(views=views, labels=self.labels[index], index=index, epoch=self.state.epoch,
-                            aug=dict(params))
+                            aug=dict(params), host_index=host)
         except DataError as exc:
             if not str(exc).startswith("Caught "):
                 raise

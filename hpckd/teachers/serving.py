@@ -14,7 +14,7 @@ the TeacherSet the same number of times with batches carrying the same view name
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,29 +226,8 @@ class TeacherSet:
         """Every teacher's logits (exactly what calling the set gives) and the CAM ingredients of the teachers in
         ``indices`` (exactly what :meth:`cam_features` gives), running each of those teachers once: the feature map
         is captured during the forward that makes the logits (:func:`~hpckd.models.hooks.forward_with_cam`).
-
-        A compiled teacher (``serving.compile``) or a sharded set (``teacher_parallel``) keeps the second pass: their
-        logits come from another module than the one the map can be read from."""
-        if self.parallel:
-            return self(batch), {k: self.cam_features(batch, k) for k in indices}
-        logits: list[torch.Tensor] = []
-        cams: dict[int, Cam] = {}
-        for t in self.teachers:
-            x = self._view(batch, t)
-            if t.index in indices and self.has_cam_features(t.index) and self._runners[t.index] is t.model:
-                if t.model.training:
-                    t.model.eval()  # as in _forward: teachers always run in eval mode
-                with torch.inference_mode(), self.precision.teacher_autocast():
-                    out, features, weight, bias = forward_with_cam(t.model, self.precision.teacher_input(x))
-                # Clones made outside inference mode, as in _forward and cam_features.
-                logits.append(out.float().clone())
-                cams[t.index] = (features.float().clone(), weight.float().clone(),
-                                 None if bias is None else bias.float().clone())
-            else:
-                logits.append(self._forward(t.index, x))
-        for k in indices:
-            if k not in cams:
-                cams[k] = self.cam_features(batch, k)
+        :meth:`logits_and_maps` with CAMs only."""
+        logits, cams, _ = self.logits_and_maps(batch, cams=indices)
         return logits, cams
 
     # ------------------------------------------------------------------ ViT attention maps
@@ -267,6 +246,50 @@ class TeacherSet:
         with torch.inference_mode(), self.precision.teacher_autocast():
             maps = forward_with_attentions(model, x)[1]
         return [m.float().clone() for m in maps]
+
+    def logits_and_maps(self, batch: Batch, cams: Sequence[int] = (), attentions: Sequence[int] = ()) -> tuple[
+            list[torch.Tensor], dict[int, Cam], dict[int, list[torch.Tensor]]]:
+        """(every teacher's logits, {k: CAM ingredients for k in ``cams``}, {k: attention maps for k in
+        ``attentions``}), running each teacher once: a CNN's feature map and a ViT's per-block attention
+        probabilities are captured during the forward that makes its logits
+        (:func:`~hpckd.models.hooks.forward_with_cam`, :func:`~hpckd.models.hooks.forward_with_attentions`).
+
+        Each part is bit for bit what the separate call gives (``self(batch)``, :meth:`cam_features`,
+        :meth:`attention_maps`): the same modules on the same input, and a ViT's logits come from its unchanged
+        forward (fused attention kernel), the maps being computed beside it, so metrics do not depend on whether
+        maps were asked for. A compiled teacher (``serving.compile``) or a sharded set (``teacher_parallel``) keeps
+        the second pass: their logits come from another module than the one the maps can be read from."""
+        if self.parallel:
+            return (self(batch), {k: self.cam_features(batch, k) for k in cams},
+                    {k: self.attention_maps(batch, k) for k in attentions})
+        logits: list[torch.Tensor] = []
+        cam_out: dict[int, Cam] = {}
+        attn_out: dict[int, list[torch.Tensor]] = {}
+        for t in self.teachers:
+            x = self._view(batch, t)
+            plain = self._runners[t.index] is t.model  # not compiled: hooks on t.model see the logits' forward
+            if plain and t.index in cams and self.has_cam_features(t.index):
+                out, features, weight, bias = self._capture(forward_with_cam, t, x)
+                cam_out[t.index] = (features, weight, bias)
+            elif plain and t.index in attentions and self.has_attention_maps(t.index):
+                out, attn_out[t.index] = self._capture(forward_with_attentions, t, x)
+            else:
+                out = self._forward(t.index, x)
+            logits.append(out)
+        cam_out.update({k: self.cam_features(batch, k) for k in cams if k not in cam_out})
+        attn_out.update({k: self.attention_maps(batch, k) for k in attentions if k not in attn_out})
+        return logits, cam_out, attn_out
+
+    def _capture(self, forward: Callable[[nn.Module, torch.Tensor], tuple], teacher: Teacher,
+                 x: torch.Tensor) -> tuple:
+        """``forward(model, x)`` (logits and what it captured) at the teachers' precision, every tensor in fp32 and
+        cloned outside inference mode, as :meth:`_forward`, :meth:`cam_features` and :meth:`attention_maps` give."""
+        assert teacher.model is not None
+        if teacher.model.training:
+            teacher.model.eval()  # as in _forward: teachers always run in eval mode
+        with torch.inference_mode(), self.precision.teacher_autocast():
+            parts = forward(teacher.model, self.precision.teacher_input(x))
+        return tuple(_fp32(part) for part in parts)
 
     def _serve_parallel(self, batch: Batch) -> list[torch.Tensor]:
         sizes = shard.gather_sizes(batch.size, self.device, self.group)
@@ -304,6 +327,16 @@ def _load_teacher(index: int, path: str | os.PathLike, build: bool) -> Teacher:
         apply_state_dict(model, state["model"], f"teacher {index} checkpoint {path}")
         teacher.model = model
     return teacher
+
+
+def _fp32(part: Any) -> Any:
+    """A captured tensor (or list of them, or None) in fp32, cloned so it is an ordinary tensor outside inference
+    mode (usable in autograd graphs, like the logits of :meth:`TeacherSet._forward`)."""
+    if isinstance(part, torch.Tensor):
+        return part.float().clone()
+    if isinstance(part, list):
+        return [_fp32(p) for p in part]
+    return part
 
 
 def _out_features(model: nn.Module) -> int:

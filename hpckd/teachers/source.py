@@ -8,6 +8,8 @@ Class activation maps are a capability: a source that runs CNN teachers answers 
 and gives the ingredients of teacher k's CAM; a source without models (a logit store) answers False, and the
 evaluation then skips teacher CAM-IoU. ViT attention maps are a second, optional capability
 (:class:`AttentionSource`): a source that runs ViT teachers gives their per-block attention probabilities.
+A source that runs its teachers can give their logits and their maps from one forward each
+(:class:`OnePassCamSource`, :class:`OnePassMapSource`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ class OnePassCamSource(Protocol):
     def logits_and_cams(self, batch: Batch, indices: Sequence[int]) -> tuple[
             list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
         """(what ``source(batch)`` gives, {k: what ``cam_features(batch, k)`` gives for k in ``indices``})."""
+        ...
+
+
+@runtime_checkable
+class OnePassMapSource(Protocol):
+    """Optional capability of a teacher source that runs CNN and/or ViT teachers: the logits of every teacher, the
+    CAM ingredients of some and the attention maps of others, from one forward pass per teacher (the evaluation's
+    teacher IoU needs the maps and the logits of the same teachers)."""
+
+    def logits_and_maps(self, batch: Batch, cams: Sequence[int] = (), attentions: Sequence[int] = ()) -> tuple[
+            list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+            dict[int, list[torch.Tensor]]]:
+        """(what ``source(batch)`` gives, {k: ``cam_features(batch, k)`` for k in ``cams``},
+        {k: ``attention_maps(batch, k)`` for k in ``attentions``})."""
         ...
 
 

@@ -429,16 +429,24 @@ class StoreSource:
                 raise StoreError(f"serving.store_epochs=cycle: epoch {epoch} was not mapped to a stored epoch (the "
                                  f"training loop must set its loader to teachers.data_epoch(epoch))")
             stored_epoch(epoch, self.store.epochs, "error", self.store.folder)
-        ids = batch.index.detach().cpu().numpy()
-        variant = batch.aug.get("variant")
-        variants = np.zeros(len(ids), np.int64) if variant is None else np.asarray(variant.cpu(), np.int64)
-        return [t.to(self.device) for t in self.store.logits(epoch, ids, variants)]
+        # Host copies of the ids and variants (Batch.ids / Batch.variants): the lookup reads no device tensor.
+        logits = self.store.logits(epoch, batch.ids(), batch.variants())
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous; from pageable memory it would wait for the device queue.
+            return [t.pin_memory().to(self.device, non_blocking=True) for t in logits]
+        return [t.to(self.device) for t in logits]
 
     def has_cam_features(self, index: int) -> bool:
         return self._make_inline is not None and self.inline.has_cam_features(index)
 
     def cam_features(self, batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.inline.cam_features(batch, index)
+
+    def logits_and_maps(self, batch: Any, cams: Sequence[int] = (), attentions: Sequence[int] = ()) -> tuple[
+            list[torch.Tensor], dict[int, Any], dict[int, list[torch.Tensor]]]:
+        """The inline teachers' logits and maps from one forward each (the evaluation's call; only the training
+        step reads the store, and it never asks for maps)."""
+        return self.inline.logits_and_maps(batch, cams, attentions)
 
 
 def open_store(cfg: Any, device: torch.device, serving: Any, inline: Callable[[], Any] | None = None) -> StoreSource:

@@ -206,9 +206,7 @@ class Replayer:
 
         def run(b: Batch) -> list[torch.Tensor]:
             logits = self.teachers(b)
-            variant = b.aug.get("variant")
-            variants = np.zeros(b.size, np.int64) if variant is None else np.asarray(variant.cpu(), np.int64)
-            calls.append((b.index.cpu().numpy(), variants, logits))
+            calls.append((b.ids(), b.variants(), logits))
             return logits
 
         def scorer(pool: Batch):

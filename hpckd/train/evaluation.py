@@ -6,9 +6,10 @@ The metrics themselves are pure functions and the streaming :class:`~hpckd.metri
 module feeds them: student logits, the teacher ensemble's distribution and, with two or more CNN or ViT teachers,
 the IoU of teacher 0's and teacher 1's attention maps (attention study Eq. 1, App. A.7), which come through the
 teacher interface's capabilities (:meth:`~hpckd.teachers.source.TeacherSource.cam_features`,
-:class:`~hpckd.teachers.source.AttentionSource`); a source that can (:class:`~hpckd.teachers.source.OnePassCamSource`,
-inline CNN teachers) gives the CAM features from the same forward pass as the logits, so each teacher runs once per
-batch. Teachers run at ``metrics.teacher_precision`` and, under
+:class:`~hpckd.teachers.source.AttentionSource`); a source that can (:class:`~hpckd.teachers.source.OnePassMapSource`,
+inline teachers) gives the CAM features or ViT attention maps from the same forward pass as the logits, so each
+teacher runs once per batch (a ViT's logits are those of its unchanged forward, so the metrics are the same with and
+without maps). Teachers run at ``metrics.teacher_precision`` and, under
 ``batch_ops.half_split`` (hKD), see the half images they saw in training. docs/metrics.md lists every metric.
 """
 
@@ -46,7 +47,7 @@ from hpckd.metrics.ensemble import ensemble_logprobs
 from hpckd.metrics.evaluator import Evaluator
 from hpckd.models import apply_state_dict, create
 from hpckd.precision import PrecisionPolicy
-from hpckd.teachers.source import AttentionSource, OnePassCamSource, TeacherSource
+from hpckd.teachers.source import AttentionSource, OnePassMapSource, TeacherSource
 from hpckd.train.build import build_teachers
 from hpckd.train.experiment import load_experiment
 
@@ -98,19 +99,23 @@ def evaluate(model: nn.Module, loader, teachers: TeacherSource | None, num_class
     if kinds is not None:
         form = metrics_cfg.cam_iou_form
         iou = IoUAccumulator(threshold=metrics_cfg.cam_threshold, form=form)
-    # Teachers whose CAM comes out of the forward that gives their logits (one pass per teacher and batch).
-    one_pass = [k for k in (0, 1) if kinds is not None and kinds[k] == "cam"] \
-        if isinstance(teachers, OnePassCamSource) else []
+    # Teachers whose CAM or attention maps come out of the forward that gives their logits (one pass per teacher
+    # and batch); a source without that capability runs them again for their maps.
+    one_pass = isinstance(teachers, OnePassMapSource) and kinds is not None
+    cam_ks = [k for k in (0, 1) if one_pass and kinds[k] == "cam"]  # type: ignore[index]
+    vit_ks = [k for k in (0, 1) if one_pass and kinds[k] == "vit"]  # type: ignore[index]
     with _analysis_precision(teachers, metrics_cfg.teacher_precision):
         for batch in loader:
             logits = model(batch.views[STUDENT])
             teacher = None
             cams: dict[int, Any] = {}
+            attentions: dict[int, list[torch.Tensor]] = {}
             if teachers is not None:
                 if half_split != "none":
                     batch = split_halves(batch, half_split, mean, std)
                 if one_pass:
-                    teacher_logits, cams = teachers.logits_and_cams(batch, one_pass)  # type: ignore[union-attr]
+                    teacher_logits, cams, attentions = teachers.logits_and_maps(  # type: ignore[union-attr]
+                        batch, cams=cam_ks, attentions=vit_ks)
                 else:
                     teacher_logits = teachers(batch)
                 teacher = ensemble_logprobs(teacher_logits, mode=metrics_cfg.ensemble)
@@ -118,7 +123,8 @@ def evaluate(model: nn.Module, loader, teachers: TeacherSource | None, num_class
             if iou is not None:
                 size = tuple(batch.views[STUDENT].shape[-2:])
                 iou.size = size if metrics_cfg.cam_size == "input" or metrics_cfg.cam_iou_form == "code" else None
-                maps = [_teacher_map(teachers, batch, k, kinds[k], metrics_cfg, cams.get(k)) for k in (0, 1)]
+                maps = [_teacher_map(teachers, batch, k, kinds[k], metrics_cfg, cams.get(k), attentions.get(k))
+                        for k in (0, 1)]
                 if half_split == "crop":
                     maps = [in_frame(m, k, batch.aug["half_split"]["column"], size) for k, m in enumerate(maps)]
                 iou.update(maps[0], maps[1], valid=batch.valid)
@@ -162,11 +168,14 @@ def _map_kinds(teachers: TeacherSource | None, metrics_cfg) -> list[str] | None:
     return kinds
 
 
-def _teacher_map(teachers: TeacherSource, batch, index: int, kind: str, metrics_cfg, cam: Any = None) -> torch.Tensor:
-    """Teacher ``index``'s attention map on ``batch``; ``cam``: its CAM ingredients when the logits' forward already
-    gave them (:class:`~hpckd.teachers.source.OnePassCamSource`), else a trunk pass computes them here."""
+def _teacher_map(teachers: TeacherSource, batch, index: int, kind: str, metrics_cfg, cam: Any = None,
+                 blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Teacher ``index``'s attention map on ``batch``; ``cam`` / ``blocks``: its CAM ingredients / per-block attention
+    probabilities when the logits' forward already gave them (:class:`~hpckd.teachers.source.OnePassMapSource`),
+    else a second pass of the teacher computes them here."""
     if kind == "vit":
-        blocks = teachers.attention_maps(batch, index)  # type: ignore[attr-defined]
+        if blocks is None:
+            blocks = teachers.attention_maps(batch, index)  # type: ignore[attr-defined]
         if metrics_cfg.vit_attention == "rollout":
             return attention_rollout(blocks)
         return vit_cls_attention(blocks[-1])
