@@ -163,14 +163,20 @@ def test_student_from_the_store_follows_the_inline_run_on_1_and_2_ranks(root, te
     assert max(abs(a - b) for a, b in zip(runs["inline"][1:], runs["inline"][:-1])) > 1e-2, "the loss moves"
 
 
-def test_cutmix_pick_with_half_split_scores_its_pool_from_the_store(root, teachers, tmp_path):
-    """CutMixPick's pool is scored with the stored teacher logits (rows POOL_VARIANT + run), the kept rows and each
-    teacher's half image are read back: the student follows the inline run."""
-    extra = ("batch_ops.scheme=cutmix_pick", "batch_ops.half_split=crop", "optim.epochs=1")
+@pytest.mark.parametrize("half_split", ["crop", "none"])
+def test_cutmix_pick_scores_its_pool_from_the_store(root, teachers, tmp_path, half_split):
+    """CutMixPick's pool is scored with the stored teacher logits (rows POOL_VARIANT + run). With a half split the
+    kept rows and each teacher's half image are read back; without one the kept rows' logits are the stored pool
+    rows' (the store holds no kept rows: its rows per epoch say so). Either way the student follows the inline
+    run."""
+    extra = ("batch_ops.scheme=cutmix_pick", f"batch_ops.half_split={half_split}", "optim.epochs=1")
     store = tmp_path / "store"
     proc = run_hpckd("teachers", "cache", *_overrides(root, teachers, f"out_dir={tmp_path}/unused", *extra,
                                                       strong_view=False), "--out", str(store))
     assert proc.returncode == 0, proc.stderr
+    # 4 micro-batches of 16 rows in 4 mixing groups: pool 2 x 16, originals 16, kept rows 4 x round(0.5 x 8) = 16
+    kept = 16 if half_split != "none" else 0
+    assert LogitStore(store).manifest["layout"]["rows_per_epoch"] == 4 * (2 * 16 + 16 + kept)
     losses = {}
     for name, more in {"inline": (), "cached": ("serving.mode=cached", f"serving.store={store}")}.items():
         proc = run_hpckd("distill", *_overrides(root, teachers, f"out_dir={tmp_path / name}", *extra, *more,

@@ -666,7 +666,8 @@ def _counting_syncs(cuda: bool):
 def hotpath_syncs(ctx: Ctx) -> dict:
     """Host syncs per micro-step of the real loop between its check points (one epoch, no logging or step
     checkpoints: the check points are micro-step 1 and the epoch's last): must be 0 for teacher training, inline
-    distillation from 2 teachers with CutMix, and distillation from a logit store with CutMix. On CUDA counted by
+    distillation from 2 teachers with CutMix or CutMixPick, and distillation from a logit store with CutMix or
+    CutMixPick. On CUDA counted by
     torch.cuda.set_sync_debug_mode (not on CPU: there the host reads of tensors are counted)."""
     from hpckd.train import engine
     from hpckd.train.experiment import load_experiment
@@ -676,15 +677,20 @@ def hotpath_syncs(ctx: Ctx) -> dict:
     store = ctx.work / "runs" / f"hotpath-store-{ctx.device}"
     mix = ["batch_ops.scheme=cutmix", "loss.name=ensemble_kd", "train.precision=bf16"]
     common = ["optim.epochs=1", "log_every=0", "train.checkpoint_every=0"]
+    pick = [*mix[1:], "batch_ops.scheme=cutmix_pick"]
+    pick_store = ctx.work / "runs" / f"hotpath-pick-store-{ctx.device}"
     cases = {"train": (None, "train", []), "inline_cutmix": (config, "distill", mix),
-             "cached_cutmix": (config, "distill", [*mix, "serving.mode=cached", f"serving.store={store}"])}
-    cache_args = ["teachers", "cache", str(config), *TRAIN_BASE, f"data.root={ctx.synth('small32')}",
-                  f"dist.device={ctx.device}", f"out_dir={ctx.run_dir('hotpath_cache')}", *mix, *common,
-                  "--out", str(store)]
-    shutil.rmtree(store, ignore_errors=True)
-    proc = ctx.hpckd(cache_args, f"hotpath-cache-{ctx.device}", timeout=200)
-    if proc.returncode != 0:
-        raise CheckFailed(f"hpckd teachers cache exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
+             "cached_cutmix": (config, "distill", [*mix, "serving.mode=cached", f"serving.store={store}"]),
+             "inline_cutmix_pick": (config, "distill", pick),
+             "cached_cutmix_pick": (config, "distill", [*pick, "serving.mode=cached", f"serving.store={pick_store}"])}
+    for folder, ops in ((store, mix), (pick_store, pick)):
+        shutil.rmtree(folder, ignore_errors=True)
+        args = ["teachers", "cache", str(config), *TRAIN_BASE, f"data.root={ctx.synth('small32')}",
+                f"dist.device={ctx.device}", f"out_dir={ctx.run_dir('hotpath_cache')}", *ops, *common,
+                "--out", str(folder)]
+        proc = ctx.hpckd(args, f"hotpath-cache-{folder.name}", timeout=200)
+        if proc.returncode != 0:
+            raise CheckFailed(f"hpckd teachers cache exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
     out: dict[str, Any] = {"counted_by": "torch.cuda.set_sync_debug_mode" if ctx.cuda else "torch.Tensor host reads"}
     for name, (cfg_path, mode, extra) in cases.items():
         args = [*ctx.train_args(f"hotpath_{name}", [*extra, *common], mode)[1:]]

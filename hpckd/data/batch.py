@@ -32,6 +32,27 @@ class LabelMix:
 
 
 @dataclass
+class KnownLogits:
+    """The teachers' logits of the trailing rows of a batch, already computed by a batch op: CutMixPick's kept
+    rows are pool rows the teachers scored, on the very images (every view, ``teacher{k}`` included, is gathered
+    from the pool), so the training step reuses the pool's logits instead of running the teachers (or reading a
+    logit store) a second time (issue 17; :func:`hpckd.data.batchops.teacher_logits_after_ops`).
+
+    Attributes:
+        logits: one fp32 (M, C) tensor per teacher, on the device: the teachers' logits of the last M rows.
+        head: the rows before them, as a batch of their own (the loader's rows of a doubled batch, with their host
+            ids), on which the teachers still run; None when the M rows are the whole batch.
+    """
+
+    logits: list[torch.Tensor]
+    head: Batch | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> KnownLogits:
+        return KnownLogits([t.to(device, non_blocking=non_blocking) for t in self.logits],
+                           None if self.head is None else self.head.to(device, non_blocking))
+
+
+@dataclass
 class Batch:
     """A batch on the training device.
 
@@ -51,7 +72,12 @@ class Batch:
         host_index: optional (N,) int64 numpy copy of ``index`` on the host, row for row. The loaders set it from
             the CPU ids they have before the host-to-device copy and the batch ops reorder it with their (host) row
             choices, so what needs the ids on the host (a logit store's lookups, the batch ops' keyed draws) reads
-            them without a device-to-host copy, i.e. without waiting for the device (:meth:`ids`).
+            them without a device-to-host copy, i.e. without waiting for the device (:meth:`ids`). None where the
+            ids are only on the device: CutMixPick's output without a half split, whose kept rows are chosen on the
+            device and never needed on the host by the training step (:meth:`ids` then reads ``index``).
+        known_logits: optional :class:`KnownLogits`, set by CutMixPick (without a half split): the teachers' logits
+            of its kept rows, taken from the pool it scored; the training step runs the teachers only on
+            ``known_logits.head``.
     """
 
     views: dict[str, torch.Tensor]
@@ -63,6 +89,7 @@ class Batch:
     doubled: torch.Tensor | None = None
     label_mix: LabelMix | None = None
     host_index: np.ndarray | None = None
+    known_logits: KnownLogits | None = None
 
     @property
     def size(self) -> int:
@@ -76,16 +103,22 @@ class Batch:
         """A new batch with ``changes`` (field name -> value) applied; the other fields are shared, not copied.
 
         New rows (``index`` changed) without a matching ``host_index`` drop the host copy: a stale one would name
-        the wrong samples, and :meth:`ids` then reads ``index`` instead."""
+        the wrong samples, and :meth:`ids` then reads ``index`` instead. New rows or new images (``views``
+        changed, e.g. the half split) without matching ``known_logits`` drop those: they were the teachers' logits
+        of the old images."""
         if "index" in changes and "host_index" not in changes:
             changes["host_index"] = None
+        if ("index" in changes or "views" in changes) and "known_logits" not in changes:
+            changes["known_logits"] = None
         return dataclasses.replace(self, **changes)
 
     def ids(self) -> np.ndarray:
         """(N,) int64 global sample ids on the host: :attr:`host_index` (no device involved; do not modify it).
 
-        Batches the loaders did not make (hand-built ones in tests and tools) may lack it: the ids are then copied
-        from ``index``, which on a GPU waits for the device queue; the training loop never takes that path."""
+        Batches the loaders did not make (hand-built ones in tests and tools) and CutMixPick's output without a half
+        split (its kept rows are chosen on the device) lack it: the ids are then copied from ``index``, which on a
+        GPU waits for the device queue. The training step never takes that path (it looks up
+        ``known_logits.head``, whose ids are the loader's); the logit store's writer and verifier, and tools, may."""
         if self.host_index is not None:
             return self.host_index
         return self.index.detach().cpu().numpy().astype(np.int64)
@@ -93,9 +126,15 @@ class Batch:
     def variants(self) -> np.ndarray:
         """(N,) int64 ``aug["variant"]`` on the host: which image of its sample each row is, for a logit store
         (0 = the loader's view; the batch ops' meanings in :mod:`hpckd.data.batchops`). Zeros when no batch op
-        ran."""
+        ran. CutMixPick without a half split keeps them on the device (a tensor: its kept rows are chosen there);
+        they are then copied to the host, which waits for the device, like :meth:`ids` without ``host_index``:
+        only callers off the hot path do that (the store writer, tools, tests)."""
         variant = self.aug.get("variant")
-        return np.zeros(self.size, np.int64) if variant is None else np.asarray(variant, np.int64)
+        if variant is None:
+            return np.zeros(self.size, np.int64)
+        if isinstance(variant, torch.Tensor):
+            return variant.detach().cpu().numpy().astype(np.int64)
+        return np.asarray(variant, np.int64)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -112,6 +151,7 @@ class Batch:
             valid=move(self.valid),
             doubled=move(self.doubled),
             label_mix=None if self.label_mix is None else self.label_mix.to(device, non_blocking),
+            known_logits=None if self.known_logits is None else self.known_logits.to(device, non_blocking),
         )
 
 

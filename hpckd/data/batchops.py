@@ -20,9 +20,15 @@ stay on the host. The ops read the ids from ``batch.ids()`` (the loader's host c
 keep ``host_index`` in step with every reordering of ``index`` (using the host row numbers they chose), and move
 their host-made tensors (rows, lambdas, boxes) to the device with asynchronous copies from pinned memory. So
 Mixup, CutMix and the half split never read the device, nor does the bookkeeping of the follow-up schemes (their
-per-sample pixel ops may: RandAugment's equalize reads a histogram). CutMixPick reads it once per micro-batch:
-which pool rows its scores keep (one ``Tensor.cpu`` of the kept rows, all groups together), which the kept rows'
-ids, variants and records need on the host.
+per-sample pixel ops may: RandAugment's equalize reads a histogram). CutMixPick's kept pool rows are chosen on the
+device, from the teachers' scores; it builds its output there too (views, labels, ids, markers, mixed labels and
+the kept rows' replay record are device gathers) and hands the teachers' pool logits of the kept rows on
+(:class:`~hpckd.data.batch.KnownLogits`: the kept rows *are* pool rows, every view included), so neither the
+kept rows' host ids nor a second teacher pass or store read is needed (:func:`teacher_logits_after_ops`): no
+device read. Its output then has no ``host_index`` and device-tensor variants (:meth:`Batch.ids` /
+:meth:`Batch.variants` read them back for callers off the hot path). With a half split after it the teachers see
+half images, not the pool's, so CutMixPick reads the kept rows once (one ``Tensor.cpu``, all groups together) to
+give the kept rows host ids and variants, and the teachers run (or the store is read) on the whole output batch.
 
 Formulas:
 
@@ -44,6 +50,7 @@ sample ids; all on the host, CPU tensors): ``aug[scheme] = {"source": (M,) rows 
 rows mixed in, "partner_index": their sample ids, "lam": (M,) weight of the source image, "box": (M, 4) (top,
 left, bottom, right) pasted region, "pick": kept pool rows, "params": per-sample parameters of a follow-up
 policy}`` (only the keys that apply); ``aug["half_split"] = {"mode", "column"}``; ``aug["variant"]`` as above.
+CutMixPick without a half split keeps its record's kept rows (and its ``aug["variant"]``) as device tensors.
 
 What changes the loss is typed on the batch: ``batch.doubled`` (N,) bool marks the x' rows of a doubled batch, and
 after Mixup, CutMix or CutMixPick ``batch.label_mix`` (:class:`~hpckd.data.batch.LabelMix`) gives, for every row of
@@ -62,7 +69,7 @@ import torch
 from hpckd.config.checks import at_least, choose, positive
 from hpckd.config.methods import BatchOpsConfig
 from hpckd.data.aug import DA_SCHEMES, followup_policy
-from hpckd.data.batch import STUDENT, Batch, LabelMix, host_array
+from hpckd.data.batch import STUDENT, Batch, KnownLogits, LabelMix, host_array
 from hpckd.data.cutmixpick import CRITERIA, ORDERS, select
 from hpckd.data.params import n_slots, params_from_uniforms, stream_id
 from hpckd.data.rand import uniforms
@@ -75,8 +82,10 @@ HALF_MODES = ("none", "crop", "mask")
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 
-# (teacher-ensemble logits, student logits) on a CutMixPick pool; the student's only if needs_student(cfg)
-Scorer = Callable[[Batch], "tuple[torch.Tensor | None, torch.Tensor | None]"]
+# (teacher-ensemble logits, student logits) on a CutMixPick pool, the student's only if needs_student(cfg), and
+# optionally a third item: each teacher's own logits on the pool (a list), which the kept rows then reuse
+Scorer = Callable[[Batch], tuple]
+TeacherRun = Callable[[Batch], "list[torch.Tensor]"]
 
 
 def validated(cfg: BatchOpsConfig) -> BatchOpsConfig:
@@ -357,6 +366,33 @@ def _append(batch: Batch, extra: dict[str, torch.Tensor], source: np.ndarray, do
                          doubled=marker, label_mix=None)
 
 
+def _append_kept(batch: Batch, extra: dict[str, torch.Tensor], kept: torch.Tensor, doubled: bool) -> Batch:
+    """CutMixPick's output built on the device: the pool rows ``kept`` (a device tensor; pool row ``run * n + i``
+    was made from row i by run ``run``) appended (``doubled``) or substituted, with labels, ids, validity and
+    markers gathered on the device. No host ids for the kept rows (``host_index`` None) and the variants
+    ``1 + run`` as a device tensor: nothing here waits for the device."""
+    dev = batch.labels.device
+    n = batch.size
+    kept = kept.to(dev)
+    src = kept % n
+    variant = 1 + torch.div(kept, n, rounding_mode="floor")
+    labels, index = batch.labels[src], batch.index[src]
+    valid = None if batch.valid is None else batch.valid[src]
+    if not doubled:
+        marker = None if batch.doubled is None else batch.doubled.to(dev)[src]
+        return batch.replace(views=extra, labels=labels, index=index, host_index=None, aug={**batch.aug,
+                             "variant": variant}, valid=valid, doubled=marker, label_mix=None)
+    m = int(kept.numel())
+    views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
+    marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
+    marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
+    return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
+                         host_index=None,
+                         aug={**batch.aug, "variant": torch.cat([to_device(batch.variants(), dev), variant])},
+                         valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
+                         doubled=marker, label_mix=None)
+
+
 def mixed_labels(out: Batch, before: Batch, record: dict, doubled: bool) -> LabelMix:
     """Per row of ``out``: the label of the partner mixed into it and the weight ``lam`` of its own label.
 
@@ -444,10 +480,15 @@ def cutmix_pool(batch: Batch, runs: int, cfg: BatchOpsConfig,
 
 
 def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws,
-                      scorer: Scorer | None) -> Batch:
+                      scorer: Scorer | None, reuse: bool = True) -> Batch:
     """CutMixPick: a pool of ``cfg.pick_pool`` CutMix runs, scored by ``scorer`` (teacher and, when
     :func:`~hpckd.data.cutmixpick.needs_student`, student logits on the pool), rows kept by
-    :func:`hpckd.data.cutmixpick.select`."""
+    :func:`hpckd.data.cutmixpick.select`.
+
+    ``reuse`` (no half split follows): the output is built on the device without reading which rows were kept
+    (module docstring), and when the scorer gave each teacher's pool logits the kept rows' are set on the output
+    (``known_logits``) for :func:`teacher_logits_after_ops`. Otherwise (a half split follows: the teachers will
+    see other images than the pool's) the kept rows are read once, so that they get host ids and variants."""
     if scorer is None:
         raise ConfigError("batch op cutmix_pick needs a scorer (teacher logits on the pool, and the student's for "
                           f"batch_ops.pick_criterion={cfg.pick_criterion}): distil from at least one teacher")
@@ -455,17 +496,53 @@ def apply_cutmix_pick(batch: Batch, cfg: BatchOpsConfig, generator: torch.Genera
     n = batch.size
     pool, record = cutmix_pool(batch, int(cfg.pick_pool), cfg, draws)
     with torch.no_grad():
-        teacher_logits, student_logits = scorer(pool)
+        scored = scorer(pool)
+    teacher_logits, student_logits = scored[0], scored[1]
+    per_teacher = scored[2] if len(scored) > 2 else None
     kept = _select_per_group(teacher_logits, student_logits, cfg, draws.groups(n), n)  # on the scores' device
-    keep = kept.cpu()  # CutMixPick's one device read (module docstring): the host records need the kept rows
-    rows = host_array(keep)
     extra = {k: v[kept.to(v.device)] for k, v in pool.views.items()}
-    # Pool row run * n + i was made from row i (cutmix_pool), so its source row is rows % n.
-    out = _append(batch, extra, rows % n, cfg.doubled, record["variant"][rows] - POOL_VARIANT + 1)
-    out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep], record["lam"][keep],
-                                     record["box"][keep], pick=keep)
+    if reuse:
+        out = _append_kept(batch, extra, kept, cfg.doubled)
+        out.aug["cutmix_pick"] = _kept_record(batch, record, kept)
+        if per_teacher:
+            out.known_logits = KnownLogits([t[kept.to(t.device)] for t in per_teacher],
+                                           head=batch if cfg.doubled else None)
+    else:
+        keep = kept.cpu()  # the one device read of the half-split path: host ids and variants of the kept rows
+        rows = host_array(keep)
+        # Pool row run * n + i was made from row i (cutmix_pool), so its source row is rows % n.
+        out = _append(batch, extra, rows % n, cfg.doubled, record["variant"][rows] - POOL_VARIANT + 1)
+        out.aug["cutmix_pick"] = _record(batch, record["source"][keep], record["partner"][keep],
+                                         record["lam"][keep], record["box"][keep], pick=keep)
     out.label_mix = mixed_labels(out, batch, out.aug["cutmix_pick"], cfg.doubled)
     return out
+
+
+def _kept_record(batch: Batch, record: dict, kept: torch.Tensor) -> dict:
+    """The replay record of the kept pool rows ``kept`` (a device tensor), gathered on the device from the pool's
+    host record: one copy of an int64 table (source, partner, partner id, box) and one of the lambdas."""
+    dev = kept.device
+    partner_index = torch.from_numpy(batch.ids())[record["partner"]]
+    table = torch.cat([record["source"][:, None], record["partner"][:, None], partner_index[:, None],
+                       record["box"]], dim=1)
+    rows = to_device(table, dev)[kept]
+    return {"source": rows[:, 0], "partner": rows[:, 1], "partner_index": rows[:, 2],
+            "lam": to_device(record["lam"], dev, torch.float32)[kept], "box": rows[:, 3:7], "pick": kept}
+
+
+def teacher_logits_after_ops(batch: Batch, run: TeacherRun) -> list[torch.Tensor]:
+    """The teachers' logits of a batch the batch ops made, ``run`` being the teachers (or a logit store): on the
+    whole batch, except where the batch carries the logits of its trailing rows (``batch.known_logits``,
+    CutMixPick's kept pool rows): ``run`` then sees only ``known_logits.head`` (the original rows of a doubled
+    batch, nothing when the kept rows replace the batch), and each teacher's logits are the head's followed by
+    the known ones (a device concatenation)."""
+    known = batch.known_logits
+    if known is None:
+        return run(batch)
+    if known.head is None:
+        return list(known.logits)
+    head = run(known.head)
+    return [torch.cat([h, k.to(h.device)]) for h, k in zip(head, known.logits)]
 
 
 def _select_per_group(teacher: torch.Tensor | None, student: torch.Tensor | None, cfg: BatchOpsConfig,
@@ -539,14 +616,17 @@ def apply_batch_ops(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generato
 
     ``family``, ``mean`` and ``std`` are the data config's (follow-up policies undo the normalisation to work on
     pixels); ``scorer`` is needed by ``cutmix_pick`` only. ``generator``: :class:`KeyedDraws` (training) or a
-    torch generator (one group spanning the batch)."""
+    torch generator (one group spanning the batch). The teachers' logits of the result:
+    :func:`teacher_logits_after_ops`."""
     cfg = validated(cfg if isinstance(cfg, BatchOpsConfig) else BatchOpsConfig(**dict(cfg)))
     if cfg.scheme == "mixup":
         batch = apply_mixup(batch, cfg, generator)
     elif cfg.scheme == "cutmix":
         batch = apply_cutmix(batch, cfg, generator)
     elif cfg.scheme == "cutmix_pick":
-        batch = apply_cutmix_pick(batch, cfg, generator, scorer)
+        # The kept rows' teacher logits are the pool's only if the teachers see the pool's images: not after a
+        # half split (which gives them half images).
+        batch = apply_cutmix_pick(batch, cfg, generator, scorer, reuse=cfg.half_split == "none")
     elif cfg.scheme != "none":
         batch = apply_followup(batch, cfg, generator, family, mean, std)
     if cfg.half_split != "none":

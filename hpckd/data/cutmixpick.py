@@ -18,7 +18,8 @@ the procedure sentence (the first r after an ascending sort), kept as an option 
 
 These are pure tensor functions: the batch op that builds the pool asks its scorer for the teacher's (and, for
 the student criteria, the student's) logits on it, calls :func:`select`, and records the kept indices in
-``batch.aug``.
+``batch.aug``. They read nothing back to the host (the kept indices stay on the scores' device; their number,
+:func:`n_keep`, depends only on the pool size), which lets CutMixPick run without a per-step device sync.
 """
 
 from __future__ import annotations

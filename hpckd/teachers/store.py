@@ -9,6 +9,9 @@ A row is keyed by ``(epoch, sample id, variant)``; the variant (``batch.aug["var
 sample the row is: 0 = the loader's view, 1 + j = made by run j of the batch op (Mixup, CutMix, a follow-up scheme;
 CutMixPick's pool rows are ``POOL_VARIANT + j``, scored before the half split, and its kept rows 1 + j). Each
 teacher reads its own view of that image (``teacher{k}`` policies, half split), so its row holds its own logits.
+CutMixPick's kept rows are read only with a half split: without one the training step reuses their pool rows'
+logits (the same images), so a store holds them only then; stores written before that hold them in every case,
+which is a superset and serves as well.
 
 Layout of a store folder::
 
@@ -429,7 +432,8 @@ class StoreSource:
                 raise StoreError(f"serving.store_epochs=cycle: epoch {epoch} was not mapped to a stored epoch (the "
                                  f"training loop must set its loader to teachers.data_epoch(epoch))")
             stored_epoch(epoch, self.store.epochs, "error", self.store.folder)
-        # Host copies of the ids and variants (Batch.ids / Batch.variants): the lookup reads no device tensor.
+        # Host copies of the ids and variants (Batch.ids / Batch.variants): the lookup reads no device tensor (the
+        # training step never passes CutMixPick's device-only output here, only its pool and original rows).
         logits = self.store.logits(epoch, batch.ids(), batch.variants())
         if self.device.type == "cuda":
             # From pinned memory the copy is asynchronous; from pageable memory it would wait for the device queue.

@@ -7,6 +7,13 @@ every view are world-size invariant, :mod:`hpckd.data.sharding`, :mod:`hpckd.dat
 ``batch_ops.mix_groups`` draws), then every teacher on the view it reads. Each (epoch, sample id, variant) row's
 logits go to the shard of its unit (``--shard-steps`` consecutive micro-batches of one epoch).
 
+What is stored is what the training step asks for: the rows of every teacher call it makes. With CutMixPick (no
+half split) that is the pool (variants ``POOL_VARIANT + j``) and the original rows of a doubled batch (variant
+0): the step reuses the pool's logits for the kept rows (:func:`~hpckd.data.batchops.teacher_logits_after_ops`),
+so their variants ``1 + j`` are stored only with a half split. Stores written before that also hold the kept
+rows: a superset, which serves the step as well, is accepted by a rerun of the writer and is verified (the
+verifier replays the kept rows too).
+
 Parallel: the units are dealt round-robin to the workers, worker = part * W + rank of W ranks (gloo/NCCL
 processes of one job, launched by torchrun/srun/mpirun) in part ``i`` of ``n`` (``--part i/n``, array tasks). A
 finished shard (present and passing its checksum) is skipped, so a killed writer reruns where it stopped; shards are
@@ -16,6 +23,7 @@ written atomically, so a half-written one is never visible. The worker that find
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass
@@ -29,7 +37,7 @@ from hpckd import dist
 from hpckd.config import BatchOpsConfig
 from hpckd.config.schema import ServingConfig
 from hpckd.data.batch import Batch
-from hpckd.data.batchops import KeyedDraws, apply_batch_ops, validated
+from hpckd.data.batchops import KeyedDraws, apply_batch_ops, teacher_logits_after_ops, validated
 from hpckd.data.cutmixpick import n_keep, needs_student
 from hpckd.data.datasets import load_splits
 from hpckd.data.loaders import image_format, loader_class, view_policies
@@ -100,8 +108,12 @@ class Plan:
         return units(self.epochs, self.steps_per_epoch, self.shard_steps)
 
 
-def rows_per_micro_batch(bo: BatchOpsConfig, micro: int) -> int:
-    """Stored rows one global micro-batch gives (every variant of every sample)."""
+def rows_per_micro_batch(bo: BatchOpsConfig, micro: int, kept_rows: bool | None = None) -> int:
+    """Stored rows one global micro-batch gives (every variant of every sample the step asks for).
+
+    CutMixPick stores its pool and, for a doubled batch, the original rows; its kept rows only when
+    ``kept_rows`` (default: with a half split, where the step looks them up; stores written before the step
+    reused the pool's logits hold them in every case)."""
     if bo.scheme == "none":
         return micro
     if bo.scheme != "cutmix_pick":
@@ -109,7 +121,9 @@ def rows_per_micro_batch(bo: BatchOpsConfig, micro: int) -> int:
     runs = int(bo.pick_pool)
     groups = [len(range(g, micro, bo.mix_groups)) for g in range(min(bo.mix_groups, micro))]
     kept = sum(n_keep(runs * m, bo.pick_ratio) for m in groups)
-    return (micro if bo.doubled else 0) + runs * micro + kept
+    if kept_rows is None:
+        kept_rows = bo.half_split != "none"
+    return (micro if bo.doubled else 0) + runs * micro + (kept if kept_rows else 0)
 
 
 def check_cacheable(bo: BatchOpsConfig) -> None:
@@ -155,11 +169,24 @@ def _check_manifest(plan: Plan) -> None:
     diff = key_difference(plan.key, found.get("key", {}))
     if diff is None:
         want, have = plan.manifest["layout"], found.get("layout", {})
+        if have != want and have == _legacy_layout(plan):
+            return  # written before the step reused CutMixPick's pool logits: it holds a superset of the rows
         diff = next((f"layout.{k}: this command has {want[k]}, the store has {have.get(k)}"
                      for k in want if want[k] != have.get(k)), None)
     if diff is not None:
         raise StoreError(f"{plan.folder} holds a logit store written for something else ({diff}); use another "
                          f"--out or the arguments it was written with")
+
+
+def _legacy_layout(plan: Plan) -> dict[str, Any]:
+    """The layout a store of this plan had when CutMixPick's kept rows were stored in every case."""
+    rows = rows_per_micro_batch(_batch_ops_of_key(plan.key), plan.micro_batch, kept_rows=True)
+    return dataclasses.replace(plan, rows_per_step=rows).manifest["layout"]
+
+
+def _batch_ops_of_key(key: dict[str, Any]) -> BatchOpsConfig:
+    fields = {f.name for f in dataclasses.fields(BatchOpsConfig)}
+    return BatchOpsConfig(**{k: v for k, v in key["batch_ops"].items() if k in fields})
 
 
 def _check_disk(plan: Plan, todo: int) -> None:
@@ -200,8 +227,11 @@ class Replayer:
             if i + 1 == unit.count:
                 break
 
-    def rows(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
-        """(ids, variants, logits per teacher) of every teacher call the training step makes on this batch."""
+    def rows(self, batch: Batch, every_row: bool = False) -> list[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
+        """(ids, variants, logits per teacher) of every teacher call the training step makes on this batch: as
+        the step, :func:`~hpckd.data.batchops.teacher_logits_after_ops` (CutMixPick's kept rows reuse the
+        pool's logits, no call of their own). ``every_row`` adds a call on the whole output batch (the kept rows'
+        variants ``1 + j`` too, which stores written before that reuse hold: the verifier's replay)."""
         calls: list[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]] = []
 
         def run(b: Batch) -> list[torch.Tensor]:
@@ -210,15 +240,19 @@ class Replayer:
             return logits
 
         def scorer(pool: Batch):
-            # Score with what a reader will get back, so the reader keeps exactly the rows stored here.
-            return ensemble_distribution([round_trip(t, self.plan.topk) for t in run(pool)]), None
+            # Score with what a reader will get back, so the reader keeps exactly the rows stored here; each
+            # teacher's pool logits go on with the kept rows, as in the step.
+            logits = run(pool)
+            return ensemble_distribution([round_trip(t, self.plan.topk) for t in logits]), None, logits
 
         bo = self.batch_ops
         if bo.scheme != "none" or bo.half_split != "none":
             draws = KeyedDraws(int(self.cfg.seed), int(batch.epoch), 0, 1, int(bo.mix_groups))
             batch = apply_batch_ops(batch, bo, draws, family=self.cfg.data.family, mean=list(self.cfg.data.mean),
                                     std=list(self.cfg.data.std), scorer=scorer)
-        run(batch)
+        teacher_logits_after_ops(batch, run)
+        if every_row and batch.known_logits is not None:
+            run(batch)  # off the hot path: the output's ids and variants are read back from the device
         return calls
 
     def unit_arrays(self, unit: Unit) -> dict[str, np.ndarray]:
@@ -319,7 +353,7 @@ def verify_store(cfg: Any, folder: str | Path, n: int, *, seed: int = 0, log: Lo
     for (epoch, step), entries in sorted(picks.items()):
         (_, batch), = replayer.micro_batches(Unit(epoch, step, 1))
         fresh: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for ids, variants, logits in replayer.rows(batch):
+        for ids, variants, logits in replayer.rows(batch, every_row=True):
             for r, key in enumerate(zip(ids.tolist(), variants.tolist())):
                 fresh.setdefault(key, [t[r].float().cpu() for t in logits])
         ids = np.array([e[0] for e in entries])

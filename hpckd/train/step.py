@@ -3,7 +3,7 @@
 :class:`DistillStep` is everything between the loader and ``backward``, in the order it happens::
 
     batch = apply_batch_ops(batch)            # Mixup / CutMix / CutMixPick / doubled batch / half split
-    teacher_logits = teachers(batch)          # any TeacherSource: inline TeacherSet today, a logit store tomorrow
+    teacher_logits = teachers(batch)          # any TeacherSource: inline TeacherSet or a logit store
     student_logits = student(batch.views["student"])
     terms = loss(student_logits, teacher_logits, batch)   # {"loss": weighted total, "ce": ..., "kd": ...}
 
@@ -15,6 +15,11 @@ Host syncs: with ``deferred_checks`` (what the loop uses) only the first call ch
 loss's logit checks: one sync, with the detailed one-line error of a broken teacher or a wrong class count); every
 later call leaves the loss and a non-finite flag on the device (:attr:`StepOutput.flags`), and the loop reads them
 in one transfer per check point (:class:`FiniteWatch`), so a micro-step never waits for the device.
+
+CutMixPick (without a half split) costs one teacher pass (or store read) over its pool and one over the original
+rows of a doubled batch, k*B + B rows (k*B when x' replaces x): the kept rows' teacher logits are the pool's
+(:meth:`pick_scores` hands each teacher's pool logits to the batch op, which keeps the kept rows' with the batch,
+:class:`~hpckd.data.batch.KnownLogits`), gathered on the device, so the kept rows are never read on the host.
 
 Randomness of the batch ops is keyed by (seed, epoch, sample ids) and the rows' global positions
 (:class:`~hpckd.data.batchops.KeyedDraws`): a resumed run draws exactly what an uninterrupted one would, without
@@ -33,7 +38,7 @@ import torch
 
 from hpckd.config import BatchOpsConfig
 from hpckd.data.batch import STUDENT, Batch
-from hpckd.data.batchops import KeyedDraws, apply_batch_ops, check_mix_groups
+from hpckd.data.batchops import KeyedDraws, apply_batch_ops, check_mix_groups, teacher_logits_after_ops
 from hpckd.data.cutmixpick import needs_student
 from hpckd.losses import Loss, NonFiniteError
 from hpckd.losses.base import compute_dtype
@@ -114,11 +119,12 @@ class DistillStep:
         return StepOutput(terms, batch, problem, student_logits.detach(), teacher_logits, flags=flags)
 
     def teacher_logits(self, batch: Batch) -> list[torch.Tensor]:
-        """The teachers' logits on a training batch (a logit store looks them up; inline teachers run)."""
+        """The teachers' logits on a training batch (a logit store looks them up; inline teachers run), reusing
+        the logits the batch ops already hold (CutMixPick's kept pool rows, ``batch.known_logits``)."""
         if self.teachers is None:
             return []
         with training_lookups(self.teachers):
-            return self.teachers(batch)
+            return teacher_logits_after_ops(batch, self.teachers)
 
     # ------------------------------------------------------------------------------------------ batch ops
     @property
@@ -135,14 +141,16 @@ class DistillStep:
                                std=self.data.std, scorer=self.pick_scores)
 
     @torch.no_grad()
-    def pick_scores(self, pool: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(teacher ensemble logits, student logits) on a CutMixPick pool; the student only when the criterion
-        needs it (scored as trained: the student's forward carries its autocast)."""
-        teacher = ensemble_distribution(self.teacher_logits(pool)) if self.teachers is not None else None
+    def pick_scores(self, pool: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
+        """(teacher ensemble logits, student logits, each teacher's logits) on a CutMixPick pool; the student only
+        when the criterion needs it (scored as trained: the student's forward carries its autocast). The
+        per-teacher logits are the kept rows' teacher logits for the loss (no second pass; module docstring)."""
+        logits = self.teacher_logits(pool)
+        teacher = ensemble_distribution(logits) if logits else None
         student = None
         if needs_student(self.batch_ops):
             student = self.student(self.precision.student_input(pool.views[STUDENT])).float()
-        return teacher, student
+        return teacher, student, logits
 
 
 def finite_flags(loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
