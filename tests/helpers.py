@@ -12,10 +12,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:  # only an annotation here: the helpers stay light to import
+    from hpckd.teachers import TeacherSet
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # written out here, not read from hpckd: the tests' own expectation
@@ -320,3 +324,38 @@ def require_cluster(test_file: str) -> Path:
         pytest.fail(f"HPCKD_SLURM_STATE={state} holds no etc/slurm.conf; start the cluster with slurm/with_cluster.sh")
     os.environ.setdefault("SLURM_CONF", str(conf))
     return Path(state)
+
+
+class TwoPassTeachers:
+    """The same teachers without the one-pass capability (``logits_and_maps``): logits from a call, CAM features
+    and attention maps each from a second pass; the evaluation tests compare the one-pass metrics with these."""
+
+    def __init__(self, teachers: TeacherSet) -> None:
+        self.inner = teachers
+        self.num_classes = teachers.num_classes
+        self.precision = teachers.precision
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __call__(self, batch):
+        return self.inner(batch)
+
+    def check_num_classes(self, num_classes: int) -> None:
+        self.inner.check_num_classes(num_classes)
+
+    @property
+    def metas(self):
+        return self.inner.metas
+
+    def has_cam_features(self, index: int) -> bool:
+        return self.inner.has_cam_features(index)
+
+    def cam_features(self, batch, index: int):
+        return self.inner.cam_features(batch, index)
+
+    def has_attention_maps(self, index: int) -> bool:
+        return self.inner.has_attention_maps(index)
+
+    def attention_maps(self, batch, index: int):
+        return self.inner.attention_maps(batch, index)

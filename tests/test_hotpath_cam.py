@@ -18,6 +18,7 @@ from hpckd.models.hooks import forward_with_cam
 from hpckd.teachers import TeacherSet
 from hpckd.train.evaluation import evaluate
 from hpckd.train.experiment import load_experiment
+from tests.helpers import TwoPassTeachers
 
 
 def count_calls(module: nn.Module) -> list[int]:
@@ -59,34 +60,6 @@ def test_one_forward_gives_the_logits_and_the_feature_map_of_two_separate_passes
         assert len(last(model)._forward_hooks) == 1, name
         model(x)
         assert calls == [2], name
-
-
-class TwoPassTeachers:
-    """The same teachers without the one-pass capability: logits from a call, CAM features from a second pass."""
-
-    def __init__(self, teachers: TeacherSet) -> None:
-        self.inner = teachers
-        self.num_classes = teachers.num_classes
-        self.precision = teachers.precision
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __call__(self, batch):
-        return self.inner(batch)
-
-    def check_num_classes(self, num_classes: int) -> None:
-        self.inner.check_num_classes(num_classes)
-
-    @property
-    def metas(self):
-        return self.inner.metas
-
-    def has_cam_features(self, index: int) -> bool:
-        return self.inner.has_cam_features(index)
-
-    def cam_features(self, batch, index: int):
-        return self.inner.cam_features(batch, index)
 
 
 def test_evaluation_runs_each_teacher_once_and_gives_the_two_pass_metrics():

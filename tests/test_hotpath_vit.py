@@ -27,7 +27,7 @@ from hpckd.teachers import TeacherSet
 from hpckd.train.evaluation import evaluate
 from hpckd.train.experiment import load_experiment
 
-from tests.helpers import np_log_softmax
+from tests.helpers import TwoPassTeachers, np_log_softmax
 
 C = 5
 MODES = ("fast_path", "no_fast_path", "bf16")  # CPU MHA fast path (native kernel), F.multi_head_attention_forward, autocast
@@ -174,40 +174,6 @@ def test_other_attention_layouts_get_torchs_own_weights_in_the_same_forward():
 
 
 # ------------------------------------------------------------------------------------------ the evaluation
-
-
-class TwoPassTeachers:
-    """The same teachers without the one-pass capability: logits from a call, attention maps from a second pass."""
-
-    def __init__(self, teachers: TeacherSet) -> None:
-        self.inner = teachers
-        self.num_classes = teachers.num_classes
-        self.precision = teachers.precision
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __call__(self, batch):
-        return self.inner(batch)
-
-    def check_num_classes(self, num_classes: int) -> None:
-        self.inner.check_num_classes(num_classes)
-
-    @property
-    def metas(self):
-        return self.inner.metas
-
-    def has_cam_features(self, index: int) -> bool:
-        return self.inner.has_cam_features(index)
-
-    def cam_features(self, batch, index: int):
-        return self.inner.cam_features(batch, index)
-
-    def has_attention_maps(self, index: int) -> bool:
-        return self.inner.has_attention_maps(index)
-
-    def attention_maps(self, batch, index: int):
-        return self.inner.attention_maps(batch, index)
 
 
 def batches(n_batches: int = 3, n: int = 6) -> list[Batch]:
