@@ -250,3 +250,43 @@ def test_evaluation_runs_each_vit_teacher_once_and_gives_the_two_pass_metrics(ki
             assert one_pass["teacher_nll"] == pytest.approx(float(-logp[np.arange(len(y)), y].mean()), abs=1e-6)
             assert one_pass["teacher_accuracy"] == pytest.approx(float((logp.argmax(1) == y).mean()))
             assert one_pass["teacher_iou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+
+
+def finished_store_folder(folder, num_classes: int, num_teachers: int):
+    """The smallest folder :class:`LogitStore` opens as finished: a manifest (format, layout, key) and an index.
+    Evaluation never reads its rows (only the training step does), so none are written."""
+    import json
+
+    from hpckd.teachers.store import FORMAT_VERSION
+
+    folder.mkdir(parents=True)
+    manifest = {"format": FORMAT_VERSION, "layout": {"epochs": 1, "steps_per_epoch": 1, "shard_steps": 1},
+                "key": {"num_classes": num_classes, "teachers": [{} for _ in range(num_teachers)]}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "index.json").write_text(json.dumps({"shards": []}))
+    return folder
+
+
+def test_a_logit_store_run_evaluates_its_vit_teachers_attention_iou_like_the_inline_run(tmp_path):
+    """A cached run's evaluation runs its teachers inline (the store holds training logits only): through the store
+    source the ViT teachers' attention maps, and so the teacher IoU, are those of the inline teachers."""
+    from hpckd.teachers.store import LogitStore, StoreSource
+
+    vits = [tiny_vit(1), tiny_vit(2)]
+    student = create("resnet8", C).eval()
+    data = batches()
+    inline = TeacherSet.from_models(vits, "cpu")
+    store = LogitStore(finished_store_folder(tmp_path / "store", C, 2))
+    source = StoreSource(store, "cpu", inline.metas, inline=lambda: inline)
+    assert source.has_attention_maps(0) and source.has_attention_maps(1)
+    without_inline = StoreSource(store, "cpu", inline.metas)
+    assert not without_inline.has_attention_maps(0)
+    cfg = load_experiment(None, []).metrics
+    from_store = evaluate(student, data, source, C, cfg)
+    assert from_store["teacher_iou_count"] == 18  # 3 batches x 6 images: the maps were computed
+    assert from_store == evaluate(student, data, inline, C, cfg)
+    batch = data[0]
+    with torch.inference_mode():
+        maps = source.attention_maps(batch, 1)
+        plain, inputs = plain_forward(vits[1], batch.views["student"])
+    assert all(torch.equal(m, e) for m, e in zip(maps, torch_weights(vits[1], inputs)))

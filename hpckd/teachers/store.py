@@ -57,6 +57,7 @@ import torch
 from hpckd.data.batchops import POOL_VARIANT
 from hpckd.errors import UserError
 from hpckd.io import atomic_open, atomic_write_json
+from hpckd.teachers.source import AttentionSource
 
 FORMAT_VERSION = 1
 MAGIC = b"HPCKDLS1"
@@ -445,6 +446,14 @@ class StoreSource:
 
     def cam_features(self, batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.inline.cam_features(batch, index)
+
+    def has_attention_maps(self, index: int) -> bool:
+        """ViT teachers' attention maps come from the inline teachers (the store holds logits only)."""
+        return (self._make_inline is not None and isinstance(self.inline, AttentionSource)
+                and self.inline.has_attention_maps(index))
+
+    def attention_maps(self, batch: Any, index: int) -> list[torch.Tensor]:
+        return self.inline.attention_maps(batch, index)
 
     def logits_and_maps(self, batch: Any, cams: Sequence[int] = (), attentions: Sequence[int] = ()) -> tuple[
             list[torch.Tensor], dict[int, Any], dict[int, list[torch.Tensor]]]:

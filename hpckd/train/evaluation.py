@@ -154,7 +154,7 @@ def _analysis_precision(teachers: TeacherSource | None, teacher_precision: str) 
 def _map_kinds(teachers: TeacherSource | None, metrics_cfg) -> list[str] | None:
     """How teachers 0 and 1 give an attention map on this rank ("cam" for CNNs with a GAP + linear head, "vit" for
     attention layers), or None when teacher IoU does not apply (fewer than 2 teachers, VGG's MLP head, a logit
-    store, ``metrics.attention_iou=false``)."""
+    store that cannot build its teachers inline, ``metrics.attention_iou=false``)."""
     if teachers is None or not metrics_cfg.attention_iou or len(teachers) < 2:
         return None
     kinds = []
