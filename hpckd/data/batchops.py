@@ -344,26 +344,9 @@ def _append(batch: Batch, extra: dict[str, torch.Tensor], source: np.ndarray, do
             variant: np.ndarray | None = None) -> Batch:
     """The batch with x' rows (``extra`` per view, made from the rows ``source`` (host int64); ``variant`` of each,
     default 1) appended or substituted. ``host_index`` follows ``index`` with the same host rows."""
-    dev = batch.labels.device
     source = np.asarray(source, np.int64)
     variant = np.ones(len(source), np.int64) if variant is None else np.asarray(variant, np.int64)
-    src = to_device(source, dev)
-    labels, index, host = batch.labels[src], batch.index[src], batch.ids()[source]
-    valid = None if batch.valid is None else batch.valid[src]
-    # The rows change, so a mixed-label record of the input no longer lines up; the mixing op sets its own.
-    if not doubled:
-        marker = None if batch.doubled is None else batch.doubled[src]
-        return batch.replace(views=extra, labels=labels, index=index, host_index=host,
-                             aug={**batch.aug, "variant": variant}, valid=valid, doubled=marker, label_mix=None)
-    n, m = batch.size, len(source)
-    views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
-    marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
-    marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
-    return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
-                         host_index=np.concatenate([batch.ids(), host]),
-                         aug={**batch.aug, "variant": np.concatenate([batch.variants(), variant])},
-                         valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
-                         doubled=marker, label_mix=None)
+    return _with_rows(batch, extra, to_device(source, batch.labels.device), batch.ids()[source], variant, doubled)
 
 
 def _append_kept(batch: Batch, extra: dict[str, torch.Tensor], kept: torch.Tensor, doubled: bool) -> Batch:
@@ -371,24 +354,33 @@ def _append_kept(batch: Batch, extra: dict[str, torch.Tensor], kept: torch.Tenso
     was made from row i by run ``run``) appended (``doubled``) or substituted, with labels, ids, validity and
     markers gathered on the device. No host ids for the kept rows (``host_index`` None) and the variants
     ``1 + run`` as a device tensor: nothing here waits for the device."""
+    kept, n = kept.to(batch.labels.device), batch.size
+    return _with_rows(batch, extra, kept % n, None, 1 + torch.div(kept, n, rounding_mode="floor"), doubled)
+
+
+def _with_rows(batch: Batch, extra: dict[str, torch.Tensor], src: torch.Tensor, host: np.ndarray | None,
+               variant: np.ndarray | torch.Tensor, doubled: bool) -> Batch:
+    """The batch with x' rows (``extra`` per view, made from the rows ``src``, on the device) appended
+    (``doubled``) or substituted. ``host``: the new rows' host ids, with ``variant`` on the host too; None when
+    they are only on the device (the output then has no ``host_index`` and ``variant`` is a device tensor)."""
     dev = batch.labels.device
-    n = batch.size
-    kept = kept.to(dev)
-    src = kept % n
-    variant = 1 + torch.div(kept, n, rounding_mode="floor")
     labels, index = batch.labels[src], batch.index[src]
     valid = None if batch.valid is None else batch.valid[src]
+    # The rows change, so a mixed-label record of the input no longer lines up; the mixing op sets its own.
     if not doubled:
         marker = None if batch.doubled is None else batch.doubled.to(dev)[src]
-        return batch.replace(views=extra, labels=labels, index=index, host_index=None, aug={**batch.aug,
-                             "variant": variant}, valid=valid, doubled=marker, label_mix=None)
-    m = int(kept.numel())
+        return batch.replace(views=extra, labels=labels, index=index, host_index=host,
+                             aug={**batch.aug, "variant": variant}, valid=valid, doubled=marker, label_mix=None)
+    n, m = batch.size, int(src.numel())
     views = {k: torch.cat([batch.views[k], extra[k]]) for k in batch.views}
     marked = torch.zeros(n, dtype=torch.bool, device=dev) if batch.doubled is None else batch.doubled.to(dev)
     marker = torch.cat([marked, torch.ones(m, dtype=torch.bool, device=dev)])
+    if host is None:
+        host_index, variants = None, torch.cat([to_device(batch.variants(), dev), variant])
+    else:
+        host_index, variants = np.concatenate([batch.ids(), host]), np.concatenate([batch.variants(), variant])
     return batch.replace(views=views, labels=torch.cat([batch.labels, labels]), index=torch.cat([batch.index, index]),
-                         host_index=None,
-                         aug={**batch.aug, "variant": torch.cat([to_device(batch.variants(), dev), variant])},
+                         host_index=host_index, aug={**batch.aug, "variant": variants},
                          valid=None if batch.valid is None else torch.cat([batch.valid, valid]),
                          doubled=marker, label_mix=None)
 
@@ -414,7 +406,7 @@ def _mix_views(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict
 
 def apply_mixup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator | Draws) -> Batch:
     n = batch.size
-    partner, lam, _ = draw_mix(n, _ids(batch), as_draws(generator), "mixup", cfg.mixup_alpha, cfg.lam_per_sample)
+    partner, lam, _ = draw_mix(n, batch.ids(), as_draws(generator), "mixup", cfg.mixup_alpha, cfg.lam_per_sample)
     dev = batch.views[STUDENT].device
     on_dev = to_device(partner, dev), to_device(lam, dev)  # once for every view
     extra = _mix_views(batch, lambda x: mixup(x, *on_dev))
@@ -437,13 +429,8 @@ def apply_cutmix(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator |
     return out
 
 
-def _ids(batch: Batch) -> np.ndarray:
-    """The rows' sample ids on the host (the keyed draws' keys): the loader's copy, no device read."""
-    return batch.ids()
-
-
 def _draw_cutmix(batch: Batch, h: int, w: int, cfg: BatchOpsConfig, draws: Draws, op: str, run: int):
-    partner, lam, boxes = draw_mix(batch.size, _ids(batch), draws, op, cfg.cutmix_alpha, cfg.lam_per_sample, run,
+    partner, lam, boxes = draw_mix(batch.size, batch.ids(), draws, op, cfg.cutmix_alpha, cfg.lam_per_sample, run,
                                    (int(h), int(w)))
     return partner, boxes, lam
 
@@ -569,7 +556,7 @@ def apply_followup(batch: Batch, cfg: BatchOpsConfig, generator: torch.Generator
     """A per-sample scheme (identity, flip, flip_crop, cutout, autoaugment, randaugment) applied after x."""
     n = batch.size
     size = batch.views[STUDENT].shape[-1]
-    params = draw_followup(_ids(batch), cfg.scheme, family, size, as_draws(generator))
+    params = draw_followup(batch.ids(), cfg.scheme, family, size, as_draws(generator))
     extra = {k: followup(v, cfg.scheme, params, family, mean, std) for k, v in batch.views.items()}
     out = _append(batch, extra, np.arange(n), cfg.doubled)
     out.aug[cfg.scheme] = {"source": torch.arange(n), "params": {k: torch.as_tensor(v) for k, v in params.items()}}
